@@ -1,0 +1,1 @@
+"""The diffusiond server process: queue, worker and the image engine."""
