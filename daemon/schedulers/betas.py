@@ -1,0 +1,75 @@
+"""Noise schedules shared by every scheduler: the training betas and their cumulative alphas.
+
+Computed in float32 as the schedules were trained and as diffusers computes them, so that the
+NumPy schedulers reproduce diffusers' steps to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _alpha_bar_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """The "squaredcos_cap_v2" schedule (Nichol & Dhariwal 2021, eq. 17)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+            for i in range(num_train_timesteps)
+        ],
+        dtype=np.float32,
+    )
+
+
+def _linspace32(start: float, stop: float, num: int) -> np.ndarray:
+    """float32 linspace bit-equal to torch's: a float32 step, fused multiply-add from both ends."""
+    if num == 1:
+        return np.array([start], dtype=np.float32)
+    first, last = np.float32(start), np.float32(stop)
+    step = np.float64(np.float32((last - first) / np.float32(num - 1)))
+    i = np.arange(num, dtype=np.float64)
+    values = np.where(i < num // 2, np.float64(first) + step * i, np.float64(last) - step * (num - 1 - i))
+    return values.astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Make the last timestep pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules…", alg. 1)."""
+    alphas_bar_sqrt = np.sqrt(_cumprod32(1.0 - betas))
+    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def betas_from_config(config: dict[str, Any]) -> np.ndarray:
+    """Training betas named by a diffusers scheduler config (trained_betas or beta_schedule)."""
+    n = int(config["num_train_timesteps"])
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float32)
+    elif config["beta_schedule"] == "linear":
+        betas = _linspace32(config["beta_start"], config["beta_end"], n)
+    elif config["beta_schedule"] == "scaled_linear":
+        betas = _linspace32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
+    elif config["beta_schedule"] == "squaredcos_cap_v2":
+        betas = _alpha_bar_betas(n)
+    else:
+        raise ValueError(f"unsupported beta_schedule {config['beta_schedule']!r}")
+    if config.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def _cumprod32(values: np.ndarray) -> np.ndarray:
+    """float32 cumulative product accumulated in float64, as torch does on the CPU."""
+    return np.cumprod(values.astype(np.float64)).astype(np.float32)
+
+
+def alphas_cumprod_from_config(config: dict[str, Any]) -> np.ndarray:
+    return _cumprod32(1.0 - betas_from_config(config))

@@ -1,0 +1,54 @@
+"""Noise levels σ = √((1 − ᾱ)/ᾱ) shared by the sigma-based schedulers (Euler, Euler a, DPM++ 2M).
+
+Karras sigmas follow Karras et al. 2022, "Elucidating the Design Space…", eq. 5 with ρ = 7.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .betas import alphas_cumprod_from_config
+
+
+def alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
+    """ᾱ for the σ schedulers: zero-SNR's last ᾱ is 0 (σ = ∞), so diffusers pins it to 2⁻²⁴."""
+    result = alphas_cumprod_from_config(dict(config))
+    if config.get("rescale_betas_zero_snr"):
+        result[-1] = 2.0**-24
+    return result
+
+
+def training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """σ for every training timestep, ascending with t, in float32 as diffusers computes it."""
+    return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """Karras et al. 2022, eq. 5, in float64: interpolating σ^(1/ρ) spends more steps at low noise."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho, max_inv_rho = float(sigma_min) ** (1 / 7), float(sigma_max) ** (1 / 7)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** 7.0
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of arbitrary σ, interpolating linearly in log σ as diffusers does."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigmas))
+
+
+def check_supported(owner: str, config: Mapping[str, Any], supported: Mapping[str, Iterable[Any]]) -> None:
+    """Refuse config values a scheduler does not implement rather than silently stepping differently."""
+    for key, values in supported.items():
+        values = tuple(values)
+        if config[key] not in values:
+            raise ValueError(
+                f"{owner} does not support {key}={config[key]!r}; supported: {', '.join(map(repr, values))}"
+            )
