@@ -1,0 +1,106 @@
+"""`diffusiond`: the daemon's command line. For now: `generate`, the engine run once in-process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import schedulers
+from .errors import EngineError
+from .pipeline import MAX_COUNT, MAX_STEPS, Request
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return width, height
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusiond", description="Local text-to-image daemon.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
+    gen.add_argument("-m", "--model", default="tiny", help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
+    gen.add_argument("-n", "--negative-prompt", default="")
+    gen.add_argument("--steps", type=int, default=25, help=f"1–{MAX_STEPS}")
+    gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
+    gen.add_argument("--seed", type=int, help="default: random, written into the PNG")
+    gen.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
+    gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{MAX_COUNT}")
+    gen.add_argument("--rng", default="numpy", choices=("numpy", "torch"),
+                     help="numpy: Apple/Diffusers for Mac seeds; torch: diffusers' CPU generator seeds")
+    gen.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
+    gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
+    gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    return parser
+
+
+class ProgressBar:
+    """One redrawn stderr line: step, total, ETA."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.started = time.monotonic()
+
+    def __call__(self, step: int, total: int, _latents: object) -> None:
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / step * (total - step)
+        filled = self.width * step // total
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if step == total else ""
+        print(f"\rstep {step:>3}/{total} [{bar}] ETA {eta:4.1f}s", end=end, file=sys.stderr, flush=True)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .model import ModelFolder
+    from .pipeline import Pipeline
+    from .png import save_result
+    from .runtimes.torch_runtime import TorchRuntime
+
+    width, height = args.size or (None, None)
+    init_image = Image.open(args.init_image) if args.init_image else None
+    request = Request(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
+        scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
+        safety_checker=not args.no_safety_checker,
+    )
+    model = ModelFolder.open(args.model)
+    print(f"loading {args.model} …", file=sys.stderr, flush=True)
+    runtime = TorchRuntime(model.path, args.device, with_safety_checker=model.has_safety_checker and request.safety_checker)
+    pipeline = Pipeline(model, runtime)
+    result = pipeline.generate(request, on_step=ProgressBar())
+    if result.dropped_prompt:
+        print(f"prompt truncated to 77 tokens; dropped: {result.dropped_prompt!r}", file=sys.stderr)
+    for path, flagged in zip(save_result(result, args.model, args.out), result.flagged):
+        print(f"{path}{'  (blacked out by the safety checker)' if flagged else ''}")
+    print(f"seed {result.request.seed}, {result.timings['total']:.2f}s", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except EngineError as exc:
+        print(f"diffusiond: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code in ("invalid_parameter", "model_not_found") else EXIT_FAILED
+    except OSError as exc:
+        print(f"diffusiond: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A Stable Diffusion model on disk in diffusers' folder layout, and the facts the pipeline needs.
+
+The pipeline reads these facts rather than assuming SD 1.5: the VAE's downscale factor, latent
+channels and scaling factor, the default size the UNet was trained at, the scheduler config, and
+which optional parts (safety checker, VAE encoder for img2img) the model ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelInvalid, ModelNotFound
+
+TINY = Path(__file__).resolve().parent / "models" / "tiny"
+ALIASES = {"tiny": TINY}
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    path: Path
+    name: str
+
+    @classmethod
+    def open(cls, name: str) -> ModelFolder:
+        """A model by alias or local folder; Hub ids arrive with the model store."""
+        path = ALIASES.get(name, Path(name).expanduser())
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFound(
+                f"no diffusers model at {path} (model_index.json missing); "
+                f"give a folder in diffusers layout or one of: {', '.join(ALIASES)}"
+            )
+        folder = cls(path.resolve(), name)
+        missing = [part for part in _REQUIRED if not (folder.path / part).is_dir()]
+        if missing:
+            raise ModelInvalid(f"model {name} lacks {', '.join(missing)} in {folder.path}")
+        return folder
+
+    def _json(self, *parts: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.joinpath(*parts).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelInvalid(f"model {self.name}: cannot read {'/'.join(parts)}: {exc}") from exc
+
+    @cached_property
+    def index(self) -> dict[str, Any]:
+        return self._json("model_index.json")
+
+    @cached_property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self._json("scheduler", "scheduler_config.json")
+
+    @cached_property
+    def _vae(self) -> dict[str, Any]:
+        return self._json("vae", "config.json")
+
+    @cached_property
+    def _unet(self) -> dict[str, Any]:
+        return self._json("unet", "config.json")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self._vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self._unet["in_channels"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self._vae.get("scaling_factor", 0.18215))
+
+    @property
+    def default_size(self) -> int:
+        return int(self._unet["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    def _has(self, part: str) -> bool:
+        entry = self.index.get(part)
+        return bool(entry and entry[0] is not None) and (self.path / part).is_dir()
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return self._has("safety_checker") and self._has("feature_extractor")
+
+    @property
+    def feature_extractor_dir(self) -> Path:
+        return self.path / "feature_extractor"

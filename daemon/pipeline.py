@@ -1,0 +1,195 @@
+"""The one Stable Diffusion pipeline, for every runtime: txt2img and img2img.
+
+It mirrors diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step, so
+the same prompt, seed and latents give the same image (tests hold it to 2/255 per pixel). The
+runtime only runs the networks; tokenizing, guidance, the denoising loop, noise, safety and
+post-processing happen here once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image
+
+from . import schedulers
+from .errors import Cancelled, InvalidParameter
+from .model import ModelFolder
+from .noise import RNGS, noise_source
+from .runtimes import Runtime
+from .tokenizer import Tokenizer
+
+# Limits, documented in docs/engine.md. A job outside them is refused before any work starts.
+MAX_PROMPT_CHARS = 4000
+MAX_STEPS = 150
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_COUNT = 16
+MAX_GUIDANCE = 50.0
+MAX_SEED = 2**32 - 1
+
+StepCallback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int | None = None  # None: the model's own size (img2img: the init image's)
+    height: int | None = None
+    count: int = 1
+    seed: int | None = None  # None: a random seed, recorded in the result
+    scheduler: str = "dpmpp_2m"
+    rng: str = "numpy"
+    init_image: Image.Image | None = None
+    strength: float = 0.75
+    safety_checker: bool = True
+
+
+@dataclass
+class Result:
+    images: list[np.ndarray]  # (H, W, 3) uint8 each
+    request: Request  # with every default resolved: size, seed
+    flagged: list[bool]  # blacked out by the safety checker
+    dropped_prompt: str  # the prompt's tail beyond the text encoder's 77 tokens
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameter(name, message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+class Pipeline:
+    def __init__(self, model: ModelFolder, runtime: Runtime) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.tokenizer = Tokenizer(model.tokenizer_dir)
+        self.feature_extractor = None
+        if model.has_safety_checker:
+            import transformers
+
+            processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+            self.feature_extractor = processor.from_pretrained(str(model.feature_extractor_dir))
+
+    def resolve(self, request: Request) -> Request:
+        """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed."""
+        r = request
+        _check(isinstance(r.prompt, str) and 0 < len(r.prompt) <= MAX_PROMPT_CHARS, "prompt",
+               f"must be 1 to {MAX_PROMPT_CHARS} characters")
+        _check(isinstance(r.negative_prompt, str) and len(r.negative_prompt) <= MAX_PROMPT_CHARS,
+               "negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+        _check(_is_int(r.steps) and 1 <= r.steps <= MAX_STEPS, "steps", f"must be an integer from 1 to {MAX_STEPS}, got {r.steps!r}")
+        _check(_is_number(r.guidance_scale) and 0 <= r.guidance_scale <= MAX_GUIDANCE, "guidance_scale",
+               f"must be a number from 0 to {MAX_GUIDANCE}, got {r.guidance_scale!r}")
+        _check(_is_int(r.count) and 1 <= r.count <= MAX_COUNT, "count", f"must be an integer from 1 to {MAX_COUNT}, got {r.count!r}")
+        _check(r.scheduler in schedulers.NAMES, "scheduler",
+               f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
+        _check(r.rng in RNGS, "rng", f"unknown generator {r.rng!r}; choose one of {', '.join(RNGS)}")
+        seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
+        _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+        factor = self.model.vae_scale_factor
+        width, height = r.width, r.height
+        if r.init_image is not None:
+            _check(isinstance(r.init_image, Image.Image), "init_image", "must be an image")
+            _check(_is_number(r.strength) and 0 < r.strength <= 1, "strength",
+                   f"must be a number above 0 and at most 1, got {r.strength!r}")
+            _check(int(r.steps * r.strength) >= 1, "strength",
+                   f"{r.strength} of {r.steps} steps leaves no step to run; raise strength or steps")
+            # diffusers' default: the init image's own size, rounded down to the VAE's factor.
+            width = width or r.init_image.width // factor * factor
+            height = height or r.init_image.height // factor * factor
+        width = width or self.model.default_size
+        height = height or self.model.default_size
+        for name, value in (("width", width), ("height", height)):
+            _check(_is_int(value) and MIN_SIZE <= value <= MAX_SIZE and value % 8 == 0 and value % factor == 0, name,
+                   f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {MAX_SIZE}, got {value!r}")
+        return replace(r, seed=seed, width=width, height=height)
+
+    def generate(
+        self,
+        request: Request,
+        on_step: StepCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Make the request's images; ``cancelled`` is asked before every UNet call."""
+        r = self.resolve(request)
+        started = time.perf_counter()
+        scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
+        try:
+            scheduler.set_timesteps(r.steps)
+        except ValueError as exc:
+            raise InvalidParameter("steps", str(exc)) from None
+        noise = noise_source(r.rng, r.seed)
+
+        prompt = self.tokenizer.encode(r.prompt)
+        guided = r.guidance_scale > 1
+        embeds = np.repeat(self.runtime.encode_text(prompt.ids[None]), r.count, axis=0)
+        if guided:
+            negative = self.runtime.encode_text(self.tokenizer.encode(r.negative_prompt).ids[None])
+            embeds = np.concatenate([np.repeat(negative, r.count, axis=0), embeds])
+
+        factor = self.model.vae_scale_factor
+        shape = (r.count, self.model.latent_channels, r.height // factor, r.width // factor)
+        timesteps = scheduler.timesteps
+        if r.init_image is None:
+            latents = noise(shape) * np.float32(scheduler.init_noise_sigma)
+        else:
+            begin = r.steps - min(int(r.steps * r.strength), r.steps)
+            timesteps = timesteps[begin:]
+            scheduler.set_begin_index(begin)
+            latents = scheduler.add_noise(self._encode_image(r, noise), noise(shape), timesteps[0])
+        timings = {"prepare": time.perf_counter() - started}
+
+        for i, t in enumerate(timesteps):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled after {i} of {len(timesteps)} steps")
+            model_input = np.concatenate([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self.runtime.predict_noise(model_input, t, embeds)
+            if guided:
+                uncond, cond = np.split(prediction, 2)
+                prediction = uncond + np.float32(r.guidance_scale) * (cond - uncond)
+            latents = scheduler.step(prediction, t, latents, noise)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps), latents)
+        timings["denoise"] = time.perf_counter() - started - timings["prepare"]
+
+        decoded = self.runtime.decode(latents / np.float32(self.model.scaling_factor))
+        pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        flagged = [False] * r.count
+        if r.safety_checker and self.feature_extractor is not None:
+            flagged = self._check_safety(pixels)
+            pixels[np.asarray(flagged)] = 0
+        images = [np.round(image * 255).astype(np.uint8) for image in pixels]
+        timings["total"] = time.perf_counter() - started
+        return Result(images, r, flagged, prompt.dropped, timings)
+
+    def _encode_image(self, r: Request, noise: schedulers.Noise) -> np.ndarray:
+        """The init image's latents, sampled from the VAE encoder's distribution as diffusers does."""
+        image = r.init_image.convert("RGB")
+        if image.size != (r.width, r.height):
+            image = image.resize((r.width, r.height), Image.LANCZOS)
+        pixels = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None] * 2 - 1
+        mean, logvar = np.split(self.runtime.encode(pixels), 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latent = (mean + std * noise(mean.shape)) * np.float32(self.model.scaling_factor)
+        return np.repeat(latent, r.count, axis=0)
+
+    def _check_safety(self, pixels: np.ndarray) -> list[bool]:
+        images = [Image.fromarray(np.round(p * 255).astype(np.uint8)) for p in pixels]
+        clip_input = self.feature_extractor(images, return_tensors="np").pixel_values
+        return [bool(f) for f in self.runtime.check_safety(clip_input, pixels)]
