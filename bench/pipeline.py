@@ -1,0 +1,131 @@
+"""Pipeline benchmarks, each against a baseline measured side by side in this run.
+
+1. Our pipeline vs diffusers' StableDiffusionPipeline on the shipped tiny model: same prompt,
+   size, steps and scheduler, both on the PyTorch CPU runtime. Target: ratio ≤ 1.0.
+2. The pipeline's own per-step overhead at 512×512 (latents 2×4×64×64 with guidance), with a
+   runtime whose model calls return at once, against the same loop (guidance, scale, scheduler
+   step) written with diffusers' torch schedulers. Target: ≤ 1 ms per step.
+
+    python bench/pipeline.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import diffusers
+import numpy as np
+import torch
+
+from diffusiond.daemon import schedulers
+from diffusiond.daemon.model import ModelFolder
+from diffusiond.daemon.pipeline import Pipeline, Request
+from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> None:
+    ours = Pipeline(model, TorchRuntime(model.path, "cpu"))
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(model.path, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    cls = getattr(diffusers, schedulers.scheduler_class(scheduler).DIFFUSERS_CLASS)
+    theirs.scheduler = cls.from_config(theirs.scheduler.config, **schedulers.overrides(scheduler))
+    size = model.default_size
+    request = Request(PROMPT, steps=steps, width=size, height=size, seed=1, scheduler=scheduler)
+    t_ours = median_seconds(lambda: ours.generate(request), repeats)
+    t_theirs = median_seconds(
+        lambda: theirs(PROMPT, num_inference_steps=steps, height=size, width=size,
+                       generator=torch.Generator().manual_seed(1), output_type="np"),
+        repeats,
+    )
+    print(f"end to end, tiny model {size}x{size}, {steps} steps {scheduler}, CPU, torch threads {torch.get_num_threads()}")
+    print(f"  diffusers StableDiffusionPipeline  {t_theirs * 1000:8.1f} ms/image")
+    print(f"  diffusiond Pipeline                {t_ours * 1000:8.1f} ms/image")
+    print(f"  ratio ours/diffusers               {t_ours / t_theirs:8.3f}   (target ≤ 1.0)")
+
+
+class InstantRuntime:
+    """Model calls that return preallocated zeros at once: what remains is the pipeline's own work."""
+
+    def __init__(self, hidden: int = 768) -> None:
+        self.hidden = hidden
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def _zeros(self, shape: tuple) -> np.ndarray:
+        if shape not in self._cache:
+            self._cache[shape] = np.zeros(shape, np.float32)
+        return self._cache[shape]
+
+    def encode_text(self, input_ids):
+        return self._zeros((input_ids.shape[0], input_ids.shape[1], self.hidden))
+
+    def predict_noise(self, sample, timestep, hidden_states):
+        return self._zeros(sample.shape)
+
+    def decode(self, latents):
+        b, _, h, w = latents.shape
+        return self._zeros((b, 3, h * 8, w * 8))
+
+
+def diffusers_loop_ms(name: str, config: dict, steps: int, latents: torch.Tensor) -> float:
+    """diffusers' loop body per step (cat, scale, guidance, scheduler step) with an instant UNet."""
+    source = getattr(diffusers, config["_class_name"]).from_config(config)
+    cls = getattr(diffusers, schedulers.scheduler_class(name).DIFFUSERS_CLASS)
+    scheduler = cls.from_config(source.config, **schedulers.overrides(name))
+    zeros = torch.zeros((latents.shape[0] * 2, *latents.shape[1:]))
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        scheduler.set_timesteps(steps)
+        x = latents * scheduler.init_noise_sigma
+        extra = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(torch.cat([x] * 2), t)
+            uncond, cond = zeros.chunk(2)
+            x = scheduler.step(uncond + 7.5 * (cond - uncond), t, x, return_dict=False, **extra)[0]
+
+    return median_seconds(run, 3) / len(scheduler.timesteps) * 1000
+
+
+def overhead(model: ModelFolder, steps: int) -> None:
+    pipeline = Pipeline(model, InstantRuntime())
+    latents = torch.randn(1, 4, 64, 64)
+    print(f"\nper-step overhead at 512x512 (latents 2x4x64x64 with guidance), {steps} steps, instant model calls")
+    print(f"  {'scheduler':<16} {'diffusiond':>10} {'diffusers':>10} {'ratio':>7}")
+    for name in schedulers.NAMES:
+        n = 8 if name == "lcm" else steps
+        request = Request(PROMPT, steps=n, width=512, height=512, seed=1, scheduler=name)
+        pipeline.generate(request)
+        per_step = statistics.median(
+            pipeline.generate(request).timings["denoise"] / n * 1000 for _ in range(3)
+        )
+        baseline = diffusers_loop_ms(name, model.scheduler_config, n, latents)
+        print(f"  {name:<16} {per_step:8.3f}ms {baseline:8.3f}ms {per_step / baseline:7.3f}   (target ≤ 1 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
+    args = parser.parse_args()
+    model = ModelFolder.open("tiny")
+    end_to_end(model, args.repeats, args.steps, args.scheduler)
+    overhead(model, 50)
+
+
+if __name__ == "__main__":
+    main()
