@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import schedulers
 from .errors import EngineError
-from .pipeline import MAX_COUNT, MAX_STEPS, Request
+from .pipeline import Limits, Request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,12 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
     gen.add_argument("-m", "--model", default="tiny", help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
     gen.add_argument("-n", "--negative-prompt", default="")
-    gen.add_argument("--steps", type=int, default=25, help=f"1–{MAX_STEPS}")
+    gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
     gen.add_argument("--seed", type=int, help="default: random, written into the PNG")
     gen.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
-    gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{MAX_COUNT}")
+    gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{Limits.count}")
     gen.add_argument("--rng", default="numpy", choices=("numpy", "torch"),
                      help="numpy: Apple/Diffusers for Mac seeds; torch: diffusers' CPU generator seeds")
     gen.add_argument("--init-image", type=Path, help="img2img: start from this image")

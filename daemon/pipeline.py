@@ -23,13 +23,20 @@ from .noise import RNGS, noise_source
 from .runtimes import Runtime
 from .tokenizer import Tokenizer
 
-# Limits, documented in docs/engine.md. A job outside them is refused before any work starts.
-MAX_PROMPT_CHARS = 4000
-MAX_STEPS = 150
-MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_COUNT = 16
-MAX_GUIDANCE = 50.0
 MAX_SEED = 2**32 - 1
+MIN_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (docs/engine.md); the daemon's config may lower them."""
+
+    prompt_chars: int = 4000
+    steps: int = 150
+    size: int = 2048
+    count: int = 16
+    guidance: float = 50.0
+
 
 StepCallback = Callable[[int, int, np.ndarray], None]
 
@@ -73,10 +80,50 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> Request:
+    """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed."""
+    r = request
+    _check(isinstance(r.prompt, str) and 0 < len(r.prompt) <= limits.prompt_chars, "prompt",
+           f"must be 1 to {limits.prompt_chars} characters")
+    _check(isinstance(r.negative_prompt, str) and len(r.negative_prompt) <= limits.prompt_chars,
+           "negative_prompt", f"must be at most {limits.prompt_chars} characters")
+    _check(_is_int(r.steps) and 1 <= r.steps <= limits.steps, "steps", f"must be an integer from 1 to {limits.steps}, got {r.steps!r}")
+    _check(_is_number(r.guidance_scale) and 0 <= r.guidance_scale <= limits.guidance, "guidance_scale",
+           f"must be a number from 0 to {limits.guidance}, got {r.guidance_scale!r}")
+    _check(_is_int(r.count) and 1 <= r.count <= limits.count, "count", f"must be an integer from 1 to {limits.count}, got {r.count!r}")
+    _check(r.scheduler in schedulers.NAMES, "scheduler",
+           f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
+    _check(r.rng in RNGS, "rng", f"unknown generator {r.rng!r}; choose one of {', '.join(RNGS)}")
+    seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
+    _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    factor = model.vae_scale_factor
+    width, height = r.width, r.height
+    if r.init_image is not None:
+        _check(isinstance(r.init_image, Image.Image), "init_image", "must be an image")
+        _check(_is_number(r.strength) and 0 < r.strength <= 1, "strength",
+               f"must be a number above 0 and at most 1, got {r.strength!r}")
+        _check(int(r.steps * r.strength) >= 1, "strength",
+               f"{r.strength} of {r.steps} steps leaves no step to run; raise strength or steps")
+        # diffusers' default: the init image's own size, rounded down to the VAE's factor.
+        width = width or r.init_image.width // factor * factor
+        height = height or r.init_image.height // factor * factor
+    width = width or model.default_size
+    height = height or model.default_size
+    for name, value in (("width", width), ("height", height)):
+        _check(_is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0 and value % factor == 0, name,
+               f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")
+    try:
+        schedulers.create(r.scheduler, model.scheduler_config).set_timesteps(r.steps)
+    except ValueError as exc:
+        raise InvalidParameter("steps", str(exc)) from None
+    return replace(r, seed=seed, width=width, height=height)
+
+
 class Pipeline:
-    def __init__(self, model: ModelFolder, runtime: Runtime) -> None:
+    def __init__(self, model: ModelFolder, runtime: Runtime, limits: Limits = Limits()) -> None:
         self.model = model
         self.runtime = runtime
+        self.limits = limits
         self.tokenizer = Tokenizer(model.tokenizer_dir)
         self.feature_extractor = None
         if model.has_safety_checker:
@@ -85,40 +132,6 @@ class Pipeline:
             processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
             self.feature_extractor = processor.from_pretrained(str(model.feature_extractor_dir))
 
-    def resolve(self, request: Request) -> Request:
-        """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed."""
-        r = request
-        _check(isinstance(r.prompt, str) and 0 < len(r.prompt) <= MAX_PROMPT_CHARS, "prompt",
-               f"must be 1 to {MAX_PROMPT_CHARS} characters")
-        _check(isinstance(r.negative_prompt, str) and len(r.negative_prompt) <= MAX_PROMPT_CHARS,
-               "negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
-        _check(_is_int(r.steps) and 1 <= r.steps <= MAX_STEPS, "steps", f"must be an integer from 1 to {MAX_STEPS}, got {r.steps!r}")
-        _check(_is_number(r.guidance_scale) and 0 <= r.guidance_scale <= MAX_GUIDANCE, "guidance_scale",
-               f"must be a number from 0 to {MAX_GUIDANCE}, got {r.guidance_scale!r}")
-        _check(_is_int(r.count) and 1 <= r.count <= MAX_COUNT, "count", f"must be an integer from 1 to {MAX_COUNT}, got {r.count!r}")
-        _check(r.scheduler in schedulers.NAMES, "scheduler",
-               f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
-        _check(r.rng in RNGS, "rng", f"unknown generator {r.rng!r}; choose one of {', '.join(RNGS)}")
-        seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
-        _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-        factor = self.model.vae_scale_factor
-        width, height = r.width, r.height
-        if r.init_image is not None:
-            _check(isinstance(r.init_image, Image.Image), "init_image", "must be an image")
-            _check(_is_number(r.strength) and 0 < r.strength <= 1, "strength",
-                   f"must be a number above 0 and at most 1, got {r.strength!r}")
-            _check(int(r.steps * r.strength) >= 1, "strength",
-                   f"{r.strength} of {r.steps} steps leaves no step to run; raise strength or steps")
-            # diffusers' default: the init image's own size, rounded down to the VAE's factor.
-            width = width or r.init_image.width // factor * factor
-            height = height or r.init_image.height // factor * factor
-        width = width or self.model.default_size
-        height = height or self.model.default_size
-        for name, value in (("width", width), ("height", height)):
-            _check(_is_int(value) and MIN_SIZE <= value <= MAX_SIZE and value % 8 == 0 and value % factor == 0, name,
-                   f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {MAX_SIZE}, got {value!r}")
-        return replace(r, seed=seed, width=width, height=height)
-
     def generate(
         self,
         request: Request,
@@ -126,13 +139,10 @@ class Pipeline:
         cancelled: Callable[[], bool] | None = None,
     ) -> Result:
         """Make the request's images; ``cancelled`` is asked before every UNet call."""
-        r = self.resolve(request)
+        r = resolve(request, self.model, self.limits)
         started = time.perf_counter()
         scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
-        try:
-            scheduler.set_timesteps(r.steps)
-        except ValueError as exc:
-            raise InvalidParameter("steps", str(exc)) from None
+        scheduler.set_timesteps(r.steps)
         noise = noise_source(r.rng, r.seed)
 
         prompt = self.tokenizer.encode(r.prompt)
