@@ -44,7 +44,9 @@ class EulerAncestral(Euler):
         sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         next2 = sigma_next * sigma_next
         sigma_up = np.sqrt(next2 * (sigma * sigma - next2) / (sigma * sigma))
-        sigma_down = np.sqrt(next2 - sigma_up * sigma_up)
+        # Rounding can make σ_next² − σ_up² a hair below zero where σ ≫ σ_next: that is σ_down = 0
+        # (diffusers takes the square root of the negative and fills the latents with NaN).
+        sigma_down = np.sqrt(np.maximum(next2 - sigma_up * sigma_up, np.float32(0)))
         derivative = (sample - self._denoised(model_output, sample, sigma)) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
         prev_sample = prev_sample + np.asarray(noise(model_output.shape), dtype=np.float32) * sigma_up
