@@ -1,4 +1,4 @@
-"""`diffusiond`: the daemon's command line. For now: `generate`, the engine run once in-process."""
+"""`diffusiond`: the daemon's command line: `serve` runs the daemon, `generate` the engine once in-process."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _size(text: str) -> tuple[int, int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusiond", description="Local text-to-image daemon.")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the daemon in the foreground (launchd and systemd run this)")
+    serve.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
@@ -90,10 +92,26 @@ def _generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import config
+    from .server import Server
+    from .sockets import RuntimeDirError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = config.load(args.config)
+        return Server(settings).serve()
+    except (ValueError, RuntimeDirError) as exc:
+        print(f"diffusiond: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _generate(args)
+        return _serve(args) if args.command == "serve" else _generate(args)
     except EngineError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.code in ("invalid_parameter", "model_not_found") else EXIT_FAILED

@@ -94,6 +94,7 @@ def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> 
     _check(r.scheduler in schedulers.NAMES, "scheduler",
            f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
     _check(r.rng in RNGS, "rng", f"unknown generator {r.rng!r}; choose one of {', '.join(RNGS)}")
+    _check(isinstance(r.safety_checker, bool), "safety_checker", f"must be true or false, got {r.safety_checker!r}")
     seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     factor = model.vae_scale_factor

@@ -1,0 +1,93 @@
+"""The daemon's settings: a TOML file with the defaults (model, folders, runtime, limits).
+
+Everything has a default, so no file is needed; a file with an unknown key or a value of the
+wrong type is refused at start with the key named, rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from diffusiond.clients.protocol import default_runtime_dir
+
+from .pipeline import Limits
+
+
+def _home(*parts: str) -> Path:
+    return Path.home().joinpath(*parts)
+
+
+def default_config_path() -> Path:
+    override = os.environ.get("DIFFUSIOND_CONFIG")
+    if override:
+        return Path(override)
+    if sys.platform == "darwin":
+        return _home("Library", "Application Support", "diffusiond", "config.toml")
+    return Path(os.environ.get("XDG_CONFIG_HOME") or _home(".config")) / "diffusiond" / "config.toml"
+
+
+def _default_state_dir() -> Path:
+    if sys.platform == "darwin":
+        return _home("Library", "Application Support", "diffusiond")
+    return Path(os.environ.get("XDG_STATE_HOME") or _home(".local", "state")) / "diffusiond"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "tiny"  # loaded at start and kept warm
+    runtime: str = "torch"
+    device: str = "auto"
+    output_dir: Path = field(default_factory=lambda: _home("Pictures", "diffusiond"))
+    state_dir: Path = field(default_factory=_default_state_dir)  # the SQLite queue
+    runtime_dir: Path = field(default_factory=default_runtime_dir)  # the ipc sockets
+    max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "queue.sqlite3"
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    if kind is Path:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a path string, got {value!r}")
+        return Path(value).expanduser()
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load(path: Path | None = None) -> Config:
+    """The config at ``path`` (default: the platform's usual place); missing file → all defaults."""
+    path = path or default_config_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return Config()
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from None
+    kinds = {f.name: f.type for f in fields(Config)}
+    types = {"str": str, "int": int, "float": float, "Path": Path}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in kinds:
+            raise ValueError(f"config {path}: unknown key {key!r}; known: {', '.join(kinds)}")
+        if kinds[key] == "Limits":
+            if not isinstance(value, dict):
+                raise ValueError(f"config {path}: [limits] must be a table")
+            limit_kinds = {f.name: f.type for f in fields(Limits)}
+            unknown = set(value) - set(limit_kinds)
+            if unknown:
+                raise ValueError(f"config {path}: unknown limits {sorted(unknown)}; known: {', '.join(limit_kinds)}")
+            values[key] = Limits(**{k: _typed(f"limits.{k}", v, types[limit_kinds[k]]) for k, v in value.items()})
+        else:
+            values[key] = _typed(key, value, types[kinds[key]])
+    return Config(**values)

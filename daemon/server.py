@@ -1,0 +1,317 @@
+"""The daemon's main loop: requests in over ROUTER, events out over XPUB, the queue in SQLite.
+
+One thread owns the sockets and the queue connection that answers requests; the worker thread
+runs jobs. Requests that arrive together are handled in one transaction — one commit, then the
+replies — so a burst of submits costs one fsync, and nothing is acknowledged before it is durable.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+from PIL import Image
+
+from diffusiond.clients.protocol import (
+    DAEMON_TOPIC, MAX_MESSAGE_BYTES, OPS, STATES, VERSION, Code, ProtocolError, error, ok, pack, unpack,
+)
+
+from . import schedulers
+from .config import Config
+from .errors import EngineError
+from .model import ModelFolder
+from .pipeline import Request, resolve
+from .queue import JobQueue
+from .sockets import bind, hold_lock, secure_runtime_dir
+from .worker import WORKER_EVENTS, Worker
+
+log = logging.getLogger("diffusiond.server")
+DAEMON_VERSION = "0.1.0"
+BATCH = 512  # requests handled per commit at most
+MAX_INIT_IMAGE_SIDE = 4096
+MAX_PRIORITY = 1000
+MAX_LIST = 1000
+_JOB_FIELDS = {
+    "prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "count", "seed", "scheduler", "rng",
+    "strength", "safety_checker",
+}
+_SUBMIT_FIELDS = _JOB_FIELDS | {"v", "op", "id", "model", "priority", "output_dir", "idempotency_key", "init_image"}
+
+
+def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """A request field of the given type (bool is not a number here), or the default when absent."""
+    if name not in message:
+        return default
+    value = message[name]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ProtocolError(Code.BAD_MESSAGE, f"{name} must be {names}, got {type(value).__name__}")
+    return value
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.seq = 0
+        self.stop_requested = False
+        self.models: dict[str, ModelFolder] = {}
+        self.outbox: list[tuple[bytes, dict[str, Any]]] = []  # events of the batch in hand, sent after commit
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until shutdown or SIGTERM; 0 for a requested stop."""
+        runtime_dir = secure_runtime_dir(self.config.runtime_dir)
+        lock = hold_lock(runtime_dir)
+        self._model(self.config.model)  # a missing default model stops the start, with the reason
+        self.context = zmq.Context()
+        self.router, self.events = bind(self.context, runtime_dir)
+        pull = self.context.socket(zmq.PULL)
+        pull.bind(WORKER_EVENTS)
+        self.queue = JobQueue(self.config.database)
+        requeued, cancelled = self.queue.recover()
+        if requeued or cancelled:
+            log.info("recovered after a crash: %d jobs queued again, %d cancelled", len(requeued), len(cancelled))
+        self.worker = Worker(self.config, self.context)
+        self.worker.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("listening in %s (pid %d); loading %s", runtime_dir, os.getpid(), self.config.model)
+
+        poller = zmq.Poller()
+        for socket in (self.router, pull, self.events):
+            poller.register(socket, zmq.POLLIN)
+        exit_code = 0
+        try:
+            while not self.stop_requested:
+                ready = dict(poller.poll(200))
+                if self.events in ready:
+                    self._subscriptions()
+                if pull in ready:
+                    self._forward(pull)
+                if self.router in ready:
+                    self._requests()
+                if not self.worker.is_alive():
+                    log.error("the worker stopped; exiting so the service manager restarts the daemon")
+                    exit_code = 1
+                    break
+        finally:
+            self._publish(DAEMON_TOPIC, {"type": "daemon.stopping"})
+            self.worker.stop()
+            self.worker.join(timeout=60)
+            while pull.poll(0):
+                self._forward(pull)
+            self.queue.close()
+            for socket in (self.router, self.events, pull):
+                socket.close(linger=0)
+            self.context.term()
+            os.close(lock)
+            log.info("stopped")
+        return exit_code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("%s: finishing up", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _publish(self, topic: bytes, body: dict[str, Any]) -> None:
+        self.seq += 1
+        body["seq"] = self.seq
+        body.setdefault("ts", time.time())
+        self.events.send_multipart([topic, pack(body)])
+
+    def _forward(self, pull: zmq.Socket) -> None:
+        while True:
+            try:
+                topic, body = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._publish(topic, unpack(body))
+
+    def _subscriptions(self) -> None:
+        prefixes = set(self.worker.preview_prefixes)
+        while True:
+            try:
+                frame = self.events.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frame[:1] == b"\x01":
+                prefixes.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                prefixes.discard(frame[1:])
+        self.worker.preview_prefixes = frozenset(prefixes)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _requests(self) -> None:
+        batch = []
+        while len(batch) < BATCH:
+            try:
+                batch.append(self.router.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        replies = []
+        with self.queue.transaction():
+            for frames in batch:
+                replies.append(self._answer(frames))
+        for reply in replies:
+            if reply is not None:
+                self.router.send_multipart(reply)
+        for topic, body in self.outbox:
+            self._publish(topic, body)
+        self.outbox.clear()
+        if any(reply is not None for reply in replies):
+            self.worker.wake.set()
+
+    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
+        """Frames of the reply to one request: [identity, reply] (REQ peers: [identity, b"", reply])."""
+        identity, rest = frames[0], frames[1:]
+        envelope = [identity]
+        if len(rest) == 2 and rest[0] == b"":
+            envelope, rest = [identity, b""], rest[1:]
+        request_id = None
+        try:
+            if len(rest) != 1:
+                raise ProtocolError(Code.BAD_MESSAGE, f"a request is one frame, got {len(rest)}")
+            if len(rest[0]) > MAX_MESSAGE_BYTES:
+                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"requests are at most {MAX_MESSAGE_BYTES} bytes")
+            message = unpack(rest[0])
+            if not isinstance(message, dict):
+                raise ProtocolError(Code.BAD_MESSAGE, "a request is a msgpack map")
+            request_id = message.get("id")
+            if isinstance(request_id, (dict, list)):
+                request_id = None
+                raise ProtocolError(Code.BAD_MESSAGE, "id must be a string or a number")
+            if message.get("v") != VERSION:
+                raise ProtocolError(Code.UNSUPPORTED_VERSION, f"this daemon speaks protocol version {VERSION}")
+            op = message.get("op")
+            if op not in OPS:
+                raise ProtocolError(Code.UNKNOWN_OP, f"unknown op {op!r}; ops: {', '.join(OPS)}")
+            reply = ok(request_id, **getattr(self, f"_op_{op}")(message))
+        except ProtocolError as exc:
+            reply = error(request_id, exc.code, exc.message)
+        except EngineError as exc:
+            reply = error(request_id, exc.code, str(exc))
+        except Exception as exc:
+            log.exception("request failed")
+            reply = error(request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return [*envelope, pack(reply)]
+
+    def _model(self, name: str) -> ModelFolder:
+        if name not in self.models:
+            self.models[name] = ModelFolder.open(name)
+        return self.models[name]
+
+    def _op_ping(self, message: dict[str, Any]) -> dict[str, Any]:
+        if _field(message, "announce", bool, False):
+            # A subscriber's way to know its subscription is live: it sees this event.
+            self.outbox.append((DAEMON_TOPIC, {"type": "daemon.ping", "token": message.get("id")}))
+        return {
+            "version": DAEMON_VERSION, "protocol": VERSION, "ready": self.worker.ready.is_set(),
+            "models": {"loaded": [self.worker.loaded] if self.worker.loaded else [], "loading": self.worker.loading},
+            "queue": self.queue.counts(), "paused": self.queue.paused(), "pid": os.getpid(),
+        }
+
+    def _op_submit(self, message: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(message) - _SUBMIT_FIELDS
+        if unknown:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"unknown fields {sorted(unknown)}")
+        model_name = _field(message, "model", str, self.config.model)
+        priority = _field(message, "priority", int, 0)
+        if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"priority: must be from {-MAX_PRIORITY} to {MAX_PRIORITY}")
+        output_dir = _field(message, "output_dir", str, str(self.config.output_dir))
+        if not Path(output_dir).is_absolute():
+            raise ProtocolError(Code.INVALID_PARAMETER, "output_dir: must be an absolute path")
+        key = _field(message, "idempotency_key", str)
+        if key is not None and not 0 < len(key) <= 256:
+            raise ProtocolError(Code.INVALID_PARAMETER, "idempotency_key: must be 1 to 256 characters")
+        if key is not None:
+            existing = self.queue.find_by_key(key)
+            if existing is not None:
+                return {"job": existing.to_wire(), "created": False}
+        fields = {name: message[name] for name in _JOB_FIELDS if name in message}
+        if isinstance(fields.get("scheduler"), str) and fields["scheduler"] not in schedulers.NAMES:
+            try:
+                fields["scheduler"] = schedulers.from_sampler_name(fields["scheduler"])
+            except ValueError:
+                pass  # resolve() names the choices
+        image_bytes = _field(message, "init_image", bytes)
+        request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits)
+        params = {name: getattr(request, name) for name in _JOB_FIELDS}
+        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes, self.config.max_queued)
+        if created:
+            self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": priority}))
+        return {"job": job.to_wire(), "created": created}
+
+    @staticmethod
+    def _image(data: bytes | None) -> Image.Image | None:
+        if data is None:
+            return None
+        try:
+            image = Image.open(io.BytesIO(data))
+            if max(image.size) > MAX_INIT_IMAGE_SIDE:
+                raise ProtocolError(Code.INVALID_PARAMETER, f"init_image: at most {MAX_INIT_IMAGE_SIDE} pixels a side")
+            image.load()
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"init_image: not a readable image ({exc})") from None
+        return image
+
+    def _op_get(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"job": self.queue.get(_field(message, "job", str, "")).to_wire()}
+
+    def _op_list(self, message: dict[str, Any]) -> dict[str, Any]:
+        states = _field(message, "states", list)
+        if states is not None and any(s not in STATES for s in states):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"states: each one of {', '.join(STATES)}")
+        limit = _field(message, "limit", int, 50)
+        offset = _field(message, "offset", int, 0)
+        if not (1 <= limit <= MAX_LIST and offset >= 0):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"limit: 1 to {MAX_LIST}; offset: 0 or more")
+        jobs = self.queue.list(states, limit, offset)
+        return {"jobs": [job.to_wire() for job in jobs], "counts": self.queue.counts()}
+
+    def _op_cancel(self, message: dict[str, Any]) -> dict[str, Any]:
+        if _field(message, "all_queued", bool, False):
+            ids = self.queue.cancel_queued()
+            for job_id in ids:
+                self.outbox.append((f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id}))
+            return {"cancelled": ids}
+        job = self.queue.cancel(_field(message, "job", str, ""))
+        if job.state == "running":
+            self.worker.cancel(job.id)  # it stops before its next step and says so
+        else:
+            self.outbox.append((f"job.{job.id}".encode(), {"type": "job.cancelled", "job": job.id}))
+        return {"job": job.to_wire()}
+
+    def _op_pause(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.queue.set_paused(True)
+        self.outbox.append((DAEMON_TOPIC, {"type": "daemon.paused"}))
+        return {"paused": True}
+
+    def _op_resume(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.queue.set_paused(False)
+        self.outbox.append((DAEMON_TOPIC, {"type": "daemon.resumed"}))
+        return {"paused": False}
+
+    def _op_retry(self, message: dict[str, Any]) -> dict[str, Any]:
+        job = self.queue.retry(_field(message, "job", str, ""))
+        self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": job.priority}))
+        return {"job": job.to_wire()}
+
+    def _op_prune(self, message: dict[str, Any]) -> dict[str, Any]:
+        before = _field(message, "before", (int, float), time.time())
+        return {"pruned": self.queue.prune(float(before))}
+
+    def _op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.stop_requested = True
+        return {"stopping": True}
