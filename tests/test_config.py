@@ -1,0 +1,49 @@
+"""The daemon's TOML config: defaults without a file, every key checked, limits applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffusiond.daemon import config
+from diffusiond.daemon.errors import InvalidParameter
+from diffusiond.daemon.pipeline import Limits, Request, resolve
+
+
+def test_no_file_means_defaults(tmp_path) -> None:
+    assert config.load(tmp_path / "absent.toml") == config.Config()
+
+
+def test_values_and_limits_are_read(tmp_path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('model = "/models/sd15"\noutput_dir = "~/out"\nmax_queued = 5\n[limits]\nsteps = 40\nguidance = 12\n')
+    loaded = config.load(path)
+    assert loaded.model == "/models/sd15"
+    assert loaded.output_dir == Path.home() / "out"
+    assert loaded.max_queued == 5
+    assert loaded.limits == Limits(steps=40, guidance=12.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("modle = 'x'", "unknown key 'modle'"),
+        ("max_queued = 'many'", "max_queued must be int"),
+        ("max_queued = true", "max_queued must be int"),
+        ("[limits]\nsteps = 1.5", "limits.steps must be int"),
+        ("[limits]\nsize_max = 9", "unknown limits ['size_max']"),
+        ("model = ", "cannot read config"),
+    ],
+)
+def test_bad_files_are_refused_with_the_key_named(tmp_path, text, message) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.load(path)
+
+
+def test_lowered_limits_are_enforced(tiny) -> None:
+    with pytest.raises(InvalidParameter, match="from 1 to 40"):
+        resolve(Request("p", steps=41), tiny, Limits(steps=40))
+    assert resolve(Request("p", steps=40), tiny, Limits(steps=40)).steps == 40
