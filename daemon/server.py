@@ -41,6 +41,7 @@ _JOB_FIELDS = {
     "prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "count", "seed", "scheduler", "rng",
     "strength", "safety_checker",
 }
+_LAST_OF_A_RUN = {"job.done", "job.failed", "job.cancelled", "job.requeued"}
 _SUBMIT_FIELDS = _JOB_FIELDS | {"v", "op", "id", "model", "priority", "output_dir", "idempotency_key", "init_image"}
 
 
@@ -59,6 +60,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.seq = 0
+        self.topic_seqs: dict[bytes, int] = {}
         self.stop_requested = False
         self.models: dict[str, ModelFolder] = {}
         self.outbox: list[tuple[bytes, dict[str, Any]]] = []  # events of the batch in hand, sent after commit
@@ -122,9 +124,15 @@ class Server:
     # -- events ------------------------------------------------------------------------------
 
     def _publish(self, topic: bytes, body: dict[str, Any]) -> None:
+        """Stamp and send: ``seq`` counts every event, ``topic_seq`` this topic's, so a subscriber
+        of some topics tells a lost event (a jump in topic_seq) from other topics' traffic."""
         self.seq += 1
+        self.topic_seqs[topic] = self.topic_seqs.get(topic, 0) + 1
         body["seq"] = self.seq
+        body["topic_seq"] = self.topic_seqs[topic]
         body.setdefault("ts", time.time())
+        if body.get("type") in _LAST_OF_A_RUN:
+            del self.topic_seqs[topic]  # a retried job's topic starts again at 1
         self.events.send_multipart([topic, pack(body)])
 
     def _forward(self, pull: zmq.Socket) -> None:

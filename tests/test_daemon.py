@@ -68,6 +68,7 @@ def test_events_carry_a_daemon_wide_sequence_and_progress(daemon) -> None:
     assert [e["step"] for _, e in seen if e["type"] == "job.progress"] == [1, 2, 3]
     sequence = [e["seq"] for _, e in seen]
     assert sequence == sorted(sequence) and len(set(sequence)) == len(sequence)
+    assert [e["topic_seq"] for _, e in seen] == list(range(1, len(seen) + 1))
     assert all(isinstance(e["ts"], float) for _, e in seen)
 
 
