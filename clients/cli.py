@@ -1,10 +1,300 @@
-"""`diffuse`: the command-line client of a running daemon. Its commands arrive with the daemon."""
+"""`diffuse`: submit prompts to the daemon and follow its queue from a terminal or a script.
+
+    diffuse "a lighthouse at dusk" --steps 25 --seed 42     submit, wait with a progress bar
+    diffuse jobs | show ID | cancel ID|--all | pause | resume | retry ID | watch [ID] | status
+
+Exit codes: 0 done, 1 the job failed, 2 bad arguments (or parameters the daemon refused),
+3 cancelled, 4 no daemon answers, 5 a wait ran past its --timeout.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import signal
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
+from .infotext import job_settings, parse_infotext
+from .pngtext import read_text
+from .protocol import STATES
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return width, height
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffuse", description="Make images with the local diffusiond daemon.",
+        epilog="Exit codes: 0 done, 1 failed, 2 bad arguments, 3 cancelled, 4 no daemon, 5 timed out.",
+    )
+    parser.add_argument("--runtime-dir", type=Path, help="the daemon's socket folder (default: as the daemon's)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output: JSON, one object a line")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="submit a prompt and wait for its images (the default command)")
+    submit.add_argument("prompt", nargs="?", help="what to draw (may come from --reuse instead)")
+    submit.add_argument("-n", "--negative-prompt")
+    submit.add_argument("--steps", type=int)
+    submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8")
+    submit.add_argument("--scheduler", help="pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, lcm")
+    submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
+    submit.add_argument("--count", type=int, help="images from one generator")
+    submit.add_argument("--rng", choices=("numpy", "torch"))
+    submit.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    submit.add_argument("--strength", type=float, help="img2img: how far to move from the init image (0–1]")
+    submit.add_argument("--no-safety-checker", action="store_true")
+    submit.add_argument("-o", "--out", type=Path, help="folder for the images (default: the daemon's)")
+    submit.add_argument("--priority", type=int, help="higher runs first")
+    submit.add_argument("--reuse", type=Path, metavar="IMAGE.png", help="take every setting, seed included, from an earlier image; flags override")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 5; the job goes on)")
+
+    jobs = commands.add_parser("jobs", help="the queue and its history, newest first")
+    jobs.add_argument("--state", action="append", choices=STATES, help="only these states (repeatable)")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--offset", type=int, default=0)
+    commands.add_parser("show", help="one job in full").add_argument("id")
+    cancel = commands.add_parser("cancel", help="cancel a job, or every queued job")
+    cancel.add_argument("id", nargs="?")
+    cancel.add_argument("--all", action="store_true", help="every queued job (running ones go on)")
+    commands.add_parser("pause", help="take no new jobs until resume; the running one finishes")
+    commands.add_parser("resume", help="take jobs again")
+    commands.add_parser("retry", help="queue a failed or cancelled job again").add_argument("id")
+    watch = commands.add_parser("watch", help="every event as it happens (Ctrl-C stops)")
+    watch.add_argument("id", nargs="?", help="only this job, until it finishes")
+    commands.add_parser("status", help="the daemon's version, models and queue")
+    return parser
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)), flush=True)
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The job fields of a submit: --reuse's settings first, then the flags given."""
+    fields: dict[str, Any] = {}
+    if args.reuse:
+        parameters = read_text(args.reuse).get("parameters")
+        if not parameters:
+            raise ValueError(f"{args.reuse} carries no generation settings")
+        fields, unknown = job_settings(parse_infotext(parameters))
+        if unknown:
+            print(f"diffuse: ignoring settings this daemon does not take: {', '.join(unknown)}", file=sys.stderr)
+    if args.prompt:
+        fields["prompt"] = args.prompt
+    if "prompt" not in fields:
+        raise ValueError("give a prompt, or --reuse an image")
+    for name in ("negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "model", "count", "rng",
+                 "strength", "priority"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.size:
+        fields["width"], fields["height"] = args.size
+    if args.no_safety_checker:
+        fields["safety_checker"] = False
+    if args.init_image:
+        fields["init_image"] = args.init_image.read_bytes()
+    if args.out:
+        fields["output_dir"] = str(args.out.expanduser().resolve())
+    return fields
+
+
+class Progress:
+    """One redrawn stderr line: model loading first when it comes, then step/total and ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.drawn = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "model.loading":
+            self._draw(f"loading model {event['model']} …")
+        elif kind == "job.started":
+            self._draw("started")
+        elif kind == "job.progress":
+            filled = 30 * event["step"] // event["total"]
+            self._draw(f"step {event['step']:>3}/{event['total']} [{'#' * filled}{'.' * (30 - filled)}] ETA {event['eta']:4.1f}s")
+
+    def _draw(self, text: str) -> None:
+        if self.enabled:
+            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
+            self.drawn = True
+
+    def end(self) -> None:
+        if self.drawn:
+            print(file=sys.stderr, flush=True)
+            self.drawn = False
+
+
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    job = client.submit(**_fields(args))
+    if args.no_wait:
+        _print_json(job) if args.json else print(job["id"])
+        return EXIT_DONE
+    progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
+    try:
+        done = client.wait(job["id"], on_event=progress, timeout=args.timeout)
+    except KeyboardInterrupt:
+        progress.end()
+        # A second Ctrl-C leaves at once; the job's fate is then the daemon's business.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+        print(f"diffuse: cancelling job {job['id']} (Ctrl-C again to leave now)", file=sys.stderr, flush=True)
+        try:
+            client.cancel(job["id"])
+        except RequestFailed:
+            pass  # it finished in the meantime: the wait below says how
+        done = client.wait(job["id"], timeout=60)
+    finally:
+        progress.end()
+    if args.json:
+        _print_json(done)
+    else:
+        for path in done["outputs"]:
+            print(path)
+        result = done["result"] or {}
+        if any(result.get("flagged", [])):
+            print("diffuse: some images were blacked out by the safety checker", file=sys.stderr)
+        if result.get("prompt_dropped"):
+            print(f"diffuse: prompt truncated to 77 tokens; dropped: {result['prompt_dropped']!r}", file=sys.stderr)
+    return EXIT_DONE
+
+
+def _jobs_table(jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"]))
+        prompt = job["params"]["prompt"].replace("\n", " ")
+        print(f"{job['id']}  {job['state']:<9} {when}  p{job['priority']:<3} {prompt[:60]}")
+
+
+def _describe(event: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event.get("ts", time.time())))
+    kind = event.get("type", "?")
+    subject = event.get("job") or event.get("model") or ""
+    detail = ""
+    if kind == "job.progress":
+        detail = f"{event['step']}/{event['total']} ETA {event['eta']:.1f}s"
+    elif kind == "job.done":
+        detail = " ".join(event.get("outputs", []))
+    elif kind == "job.failed":
+        detail = f"{event.get('code')}: {event.get('message')}"
+    elif kind == "job.resync":
+        detail = f"(events were missed; now {event['state']['state']})"
+    return f"{when} {kind:<16} {subject} {detail}".rstrip()
+
+
+def _watch(client: Client, args: argparse.Namespace) -> int:
+    try:
+        for event in client.events(job_id=args.id):
+            _print_json(event) if args.json else print(_describe(event), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_DONE
+    if args.id:
+        state = client.get(args.id)["state"]
+        return {"done": EXIT_DONE, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(state, EXIT_DONE)
+    return EXIT_DONE
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        return _submit(client, args)
+    if args.command == "jobs":
+        listing = client.list(args.state, args.limit, args.offset)
+        if args.json:
+            _print_json(listing)
+        else:
+            _jobs_table(listing["jobs"])
+            print(", ".join(f"{n} {state}" for state, n in listing["counts"].items()), file=sys.stderr)
+        return EXIT_DONE
+    if args.command == "show":
+        job = client.get(args.id)
+        if args.json:
+            _print_json(job)
+        else:
+            for key, value in job.items():
+                print(f"{key:>16}: {value}")
+        return EXIT_DONE
+    if args.command == "cancel":
+        if args.all == bool(args.id):
+            raise ValueError("cancel takes a job id or --all")
+        cancelled = client.cancel_all_queued() if args.all else [client.cancel(args.id)["id"]]
+        _print_json({"cancelled": cancelled}) if args.json else print("\n".join(cancelled))
+        return EXIT_DONE
+    if args.command in ("pause", "resume"):
+        getattr(client, args.command)()
+        return EXIT_DONE
+    if args.command == "retry":
+        job = client.retry(args.id)
+        _print_json(job) if args.json else print(job["id"])
+        return EXIT_DONE
+    if args.command == "watch":
+        return _watch(client, args)
+    status = client.ping()
+    if args.json:
+        _print_json(status)
+    else:
+        loaded = ", ".join(status["models"]["loaded"]) or "none"
+        loading = f" (loading {status['models']['loading']})" if status["models"]["loading"] else ""
+        queue = ", ".join(f"{n} {state}" for state, n in status["queue"].items())
+        print(f"diffusiond {status['version']} (pid {status['pid']}), {'ready' if status['ready'] else 'starting'}")
+        print(f"models: {loaded}{loading}")
+        print(f"queue: {queue}{' — paused' if status['paused'] else ''}")
+    return EXIT_DONE
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("diffuse: the daemon client is not built yet; run `diffusiond generate PROMPT` meanwhile", file=sys.stderr)
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `diffuse "a prompt" …` means `diffuse submit "a prompt" …`: the common case needs no command
+    # word (a prompt that is itself a command word needs `diffuse submit`).
+    at = 0
+    while at < len(argv) and argv[at] in ("--json", "--runtime-dir"):
+        at += 2 if argv[at] == "--runtime-dir" else 1
+    if at < len(argv) and argv[at] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(at, "submit")
+    args = _parser().parse_args(argv)
+    client = Client(args.runtime_dir)
+    try:
+        return _run(client, args)
+    except DaemonUnreachable as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RequestFailed as exc:
+        print(f"diffuse: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_USAGE if exc.code in ("invalid_parameter", "bad_message", "model_not_found", "not_found", "invalid_state") else EXIT_FAILED
+    except JobFailed as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except JobCancelled as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except WaitTimeout as exc:
+        print(f"diffuse: {exc} (it goes on in the daemon; `diffuse show ID` tells how it ends)", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (ValueError, OSError) as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClientError as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

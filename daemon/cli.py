@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusiond", description="Local text-to-image daemon.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the daemon in the foreground (launchd and systemd run this)")
-    serve.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
+    start = commands.add_parser("start", help="run the daemon in the background and wait until it is ready")
+    stop = commands.add_parser("stop", help="stop a running daemon (its running job goes back to the queue)")
+    for command in (serve, start, stop):
+        command.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
+    start.add_argument("--timeout", type=float, default=300, help="seconds to wait for the model to be warm")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
@@ -108,10 +112,76 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def _start(args: argparse.Namespace) -> int:
+    """Like `pg_ctl start -w`: detach a `serve`, then wait, with a deadline, until it is warm."""
+    import subprocess
+
+    from diffusiond.clients import Client, DaemonUnreachable
+
+    from . import config
+
+    settings = config.load(args.config)
+    with Client(settings.runtime_dir, timeout=2) as client:
+        try:
+            status = client.ping()
+            print(f"diffusiond is running already (pid {status['pid']})", file=sys.stderr)
+            return EXIT_OK
+        except DaemonUnreachable:
+            pass
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        log = settings.state_dir / "diffusiond.log"
+        command = [sys.executable, "-m", "diffusiond.daemon.cli", "serve"]
+        if args.config:
+            command += ["--config", str(args.config)]
+        with open(log, "ab") as output:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
+        print(f"starting diffusiond (pid {process.pid}, log {log}) …", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace").splitlines()[-5:]
+                print("diffusiond exited while starting:\n  " + "\n  ".join(tail), file=sys.stderr)
+                return EXIT_FAILED
+            try:
+                if client.ping()["ready"]:
+                    print(f"diffusiond ready (pid {process.pid})", file=sys.stderr)
+                    return EXIT_OK
+            except DaemonUnreachable:
+                pass
+            time.sleep(0.2)
+        print(f"diffusiond is not ready after {args.timeout:g}s; see {log}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from diffusiond.clients import Client, DaemonUnreachable
+
+    from . import config
+    from .sockets import lock_held
+
+    settings = config.load(args.config)
+    with Client(settings.runtime_dir, timeout=5) as client:
+        try:
+            pid = client.ping()["pid"]
+            client.call("shutdown")
+        except DaemonUnreachable:
+            print("no diffusiond is running", file=sys.stderr)
+            return EXIT_OK
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not lock_held(settings.runtime_dir):
+            print(f"diffusiond (pid {pid}) stopped", file=sys.stderr)
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"diffusiond (pid {pid}) is still running after 60s", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"serve": _serve, "start": _start, "stop": _stop, "generate": _generate}
     try:
-        return _serve(args) if args.command == "serve" else _generate(args)
+        return commands[args.command](args)
     except EngineError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.code in ("invalid_parameter", "model_not_found") else EXIT_FAILED

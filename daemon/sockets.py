@@ -70,3 +70,20 @@ def hold_lock(runtime_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def lock_held(runtime_dir: Path) -> bool:
+    """Whether a daemon still holds the folder's lock (a zombie or a stopped process does not)."""
+    import fcntl
+
+    try:
+        fd = os.open(runtime_dir / "daemon.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -58,3 +58,24 @@ def tiny_with_safety_checker(tmp_path_factory) -> Path:
     )
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """The real daemon on the tiny model, shared by a test module."""
+    from .daemon_process import Daemon
+
+    running = Daemon(tmp_path_factory.mktemp("daemon")).start()
+    yield running
+    assert running.stop() == 0
+    running.close()
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A daemon of the test's own, not started, for tests that kill or restart it."""
+    from .daemon_process import Daemon
+
+    running = Daemon(tmp_path)
+    yield running
+    running.close()

@@ -24,22 +24,6 @@ FAST = {"steps": 1, "width": 64, "height": 64, "guidance_scale": 1.0}
 SLOW = {"steps": 150, "width": 256, "height": 256}  # seconds on the CPU: time to act mid-job
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    running = Daemon(tmp_path_factory.mktemp("daemon")).start()
-    yield running
-    assert running.stop() == 0
-    running.close()
-
-
-@pytest.fixture
-def fresh(tmp_path):
-    """A daemon of the test's own, for tests that kill or restart it."""
-    running = Daemon(tmp_path)
-    yield running
-    running.close()
-
-
 def test_submit_to_done_with_a_readable_png(daemon) -> None:
     events = daemon.subscribe(b"job.")
     reply = daemon.call("submit", prompt="a lighthouse at dusk", steps=4, width=64, height=96, seed=11)

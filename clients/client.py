@@ -1,0 +1,233 @@
+"""`Client`: the Python API of a running daemon, on which `diffuse` and the hot folder are built.
+
+    from diffusiond.clients import Client
+    with Client() as client:
+        job = client.submit("a lighthouse at dusk", steps=25, seed=42)
+        done = client.wait(job["id"], on_event=print)
+        print(done["outputs"])
+
+Every call has a deadline; nothing here blocks forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .protocol import DAEMON_TOPIC, FINISHED, VERSION, default_runtime_dir, endpoints, pack, unpack
+
+
+class ClientError(Exception):
+    """Base of everything `Client` raises."""
+
+
+class DaemonUnreachable(ClientError):
+    pass
+
+
+class RequestFailed(ClientError):
+    """The daemon answered with an error; ``code`` is one of protocol.Code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class WaitTimeout(ClientError):
+    pass
+
+
+class JobFailed(ClientError):
+    def __init__(self, job: dict[str, Any]) -> None:
+        error = job.get("error") or {}
+        super().__init__(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}")
+        self.job = job
+
+
+class JobCancelled(ClientError):
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} was cancelled")
+        self.job = job
+
+
+_TERMINAL_EVENTS = {"job.done", "job.failed", "job.cancelled"}
+
+
+class Client:
+    def __init__(self, runtime_dir: Path | None = None, timeout: float = 10.0) -> None:
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else default_runtime_dir()
+        self.request_endpoint, self.event_endpoint = endpoints(self.runtime_dir)
+        self.timeout = timeout
+        self.context = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
+
+    def _unreachable(self, why: str) -> DaemonUnreachable:
+        return DaemonUnreachable(
+            f"no diffusiond answers at {self.request_endpoint} ({why}). Start one with `diffusiond start`, "
+            "or run `diffusiond serve` in a terminal"
+        )
+
+    def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """One request, its reply; RequestFailed for an error reply, DaemonUnreachable for none."""
+        if not Path(self.request_endpoint.removeprefix("ipc://")).exists():
+            raise self._unreachable("its socket does not exist")
+        if self._socket is None:
+            self._socket = self.context.socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(self.request_endpoint)
+        request_id = next(self._ids)
+        self._socket.send(pack({"v": VERSION, "op": op, "id": request_id, **fields}))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._socket.poll(int(remaining * 1000) + 1):
+                break
+            reply = unpack(self._socket.recv())
+            if reply.get("id") != request_id:
+                continue  # a late reply to a request that timed out earlier
+            if not reply.get("ok"):
+                error = reply.get("error") or {}
+                raise RequestFailed(error.get("code", "unknown"), error.get("message", ""))
+            return reply
+        # The socket may still get that reply later; a fresh one keeps the next call clean.
+        self._socket.close()
+        self._socket = None
+        raise self._unreachable(f"no reply to {op} within {self.timeout if timeout is None else timeout:g}s")
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping")
+
+    def submit(self, prompt: str, **params: Any) -> dict[str, Any]:
+        return self.call("submit", prompt=prompt, **params)["job"]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self.call("get", job=job_id)["job"]
+
+    def list(self, states: list[str] | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        fields: dict[str, Any] = {"limit": limit, "offset": offset}
+        if states:
+            fields["states"] = states
+        return self.call("list", **fields)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.call("cancel", job=job_id)["job"]
+
+    def cancel_all_queued(self) -> list[str]:
+        return self.call("cancel", all_queued=True)["cancelled"]
+
+    def pause(self) -> None:
+        self.call("pause")
+
+    def resume(self) -> None:
+        self.call("resume")
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self.call("retry", job=job_id)["job"]
+
+    def subscribe(self, topics: list[bytes], timeout: float | None = None) -> zmq.Socket:
+        """A SUB socket whose subscription is live: it has seen its own `ping` announcement."""
+        socket = self.context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        for topic in (*topics, DAEMON_TOPIC):
+            socket.setsockopt(zmq.SUBSCRIBE, topic)
+        socket.connect(self.event_endpoint)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            token = self.call("ping", announce=True)["id"]
+            until = min(deadline, time.monotonic() + 0.25)
+            while (remaining := until - time.monotonic()) > 0 and socket.poll(int(remaining * 1000) + 1):
+                _, body = socket.recv_multipart()
+                event = unpack(body)
+                if event.get("type") == "daemon.ping" and event.get("token") == token:
+                    socket.setsockopt(zmq.UNSUBSCRIBE, DAEMON_TOPIC)
+                    return socket
+        socket.close()
+        raise self._unreachable("its event socket did not confirm the subscription")
+
+    def events(
+        self, job_id: str | None = None, topics: list[bytes] | None = None, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Events as they come, with ``job.resync`` events (the job from `get`) where some were lost.
+
+        ``timeout`` bounds the wait for each event (None: wait as long as it takes). Filtered to one
+        job, it yields that job's current state first, and stops after the job finishes.
+        """
+        if topics is None:
+            topics = [f"job.{job_id}".encode()] if job_id else [b"job.", b"model.", DAEMON_TOPIC]
+        socket = self.subscribe(topics)
+        last: dict[bytes, int] = {}
+        try:
+            if job_id:
+                job = self.get(job_id)
+                yield {"type": "job.resync", "job": job_id, "state": job}
+                if job["state"] in FINISHED:
+                    return
+            while True:
+                if not socket.poll(None if timeout is None else int(timeout * 1000)):
+                    raise WaitTimeout(f"no event within {timeout:g}s")
+                topic, body = socket.recv_multipart()
+                event = unpack(body)
+                seen = last.get(topic)
+                if seen is not None and event.get("topic_seq") != seen + 1 and topic.startswith(b"job."):
+                    missed = topic.decode().removeprefix("job.")
+                    yield {"type": "job.resync", "job": missed, "state": self.get(missed)}
+                last[topic] = event.get("topic_seq", 0)
+                if event.get("type") in _TERMINAL_EVENTS or event.get("type") == "job.requeued":
+                    del last[topic]  # the daemon starts this topic's count again
+                yield event
+                if job_id and event.get("job") == job_id and event.get("type") in _TERMINAL_EVENTS:
+                    return
+        finally:
+            socket.close()
+
+    def wait(
+        self,
+        job_id: str,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+        poll_every: float = 2.0,
+    ) -> dict[str, Any]:
+        """The finished job; JobFailed / JobCancelled / WaitTimeout otherwise.
+
+        Events drive progress; `get` every ``poll_every`` seconds without one covers a lost final event.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        topics = [f"job.{job_id}".encode(), f"model.{job['model']}".encode()]
+        socket = self.subscribe(topics)
+        try:
+            job = self.get(job_id)  # anything that happened before the subscription went live
+            while job["state"] not in FINISHED:
+                wait = poll_every if deadline is None else min(poll_every, deadline - time.monotonic())
+                if wait <= 0:
+                    raise WaitTimeout(f"job {job_id} is still {job['state']} after {timeout:g}s")
+                if socket.poll(int(wait * 1000) + 1):
+                    _, body = socket.recv_multipart()
+                    event = unpack(body)
+                    if on_event is not None:
+                        on_event(event)
+                    if event.get("type") not in _TERMINAL_EVENTS:
+                        continue
+                job = self.get(job_id)
+        finally:
+            socket.close()
+        if job["state"] == "failed":
+            raise JobFailed(job)
+        if job["state"] == "cancelled":
+            raise JobCancelled(job)
+        return job
