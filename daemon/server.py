@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -165,20 +166,23 @@ class Server:
                 batch.append(self.router.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
-        replies = []
-        with self.queue.transaction():
-            for frames in batch:
-                replies.append(self._answer(frames))
+        try:
+            with self.queue.transaction():
+                replies = [self._answer(frames) for frames in batch]
+        except sqlite3.Error:
+            # Rolled back whole: answer each on its own, so each gets its own verdict and id.
+            log.exception("a batch of %d requests could not be committed; answering one by one", len(batch))
+            self.outbox.clear()
+            replies = [self._answer(frames) for frames in batch]
         for reply in replies:
-            if reply is not None:
-                self.router.send_multipart(reply)
+            self.router.send_multipart(reply)
+        if self.outbox:  # jobs were queued or the queue resumed: the worker may have work
+            self.worker.wake.set()
         for topic, body in self.outbox:
             self._publish(topic, body)
         self.outbox.clear()
-        if any(reply is not None for reply in replies):
-            self.worker.wake.set()
 
-    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
+    def _answer(self, frames: list[bytes]) -> list[bytes]:
         """Frames of the reply to one request: [identity, reply] (REQ peers: [identity, b"", reply])."""
         identity, rest = frames[0], frames[1:]
         envelope = [identity]
