@@ -2,6 +2,7 @@
 
     diffuse "a lighthouse at dusk" --steps 25 --seed 42     submit, wait with a progress bar
     diffuse jobs | show ID | cancel ID|--all | pause | resume | retry ID | watch [ID] | status
+    diffuse hotfolder DIR                                   prompt files dropped into DIR become images
 
 Exit codes: 0 done, 1 the job failed, 2 bad arguments (or parameters the daemon refused),
 3 cancelled, 4 no daemon answers, 5 a wait ran past its --timeout.
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from .protocol import STATES
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
-COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status")
+COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="every event as it happens (Ctrl-C stops)")
     watch.add_argument("id", nargs="?", help="only this job, until it finishes")
     commands.add_parser("status", help="the daemon's version, models and queue")
+    hot = commands.add_parser("hotfolder", help="turn .txt prompt files dropped into DIR into images (runs until stopped)")
+    hot.add_argument("dir", type=Path)
+    hot.add_argument("--out", type=Path, help="folder for the images (default: DIR/out)")
+    hot.add_argument("--settle", type=float, default=1.0,
+                     help="seconds a file's size must hold still before it is read, where the OS reports no close")
     return parser
 
 
@@ -211,6 +218,23 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
+def _hotfolder(client: Client, args: argparse.Namespace) -> int:
+    from .hotfolder import HotFolder, json_line, text_line
+
+    if not args.dir.is_dir():
+        raise ValueError(f"{args.dir} is not a folder")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    line = json_line if args.json else text_line
+
+    def report(event: dict[str, Any]) -> None:
+        print(line({"ts": time.time(), **event}) if args.json else f"{time.strftime('%H:%M:%S')} {line(event)}", flush=True)
+
+    HotFolder(args.dir, client, args.out, args.settle, report).run(stop)
+    return EXIT_DONE
+
+
 def _run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "submit":
         return _submit(client, args)
@@ -245,6 +269,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return EXIT_DONE
     if args.command == "watch":
         return _watch(client, args)
+    if args.command == "hotfolder":
+        return _hotfolder(client, args)
     status = client.ping()
     if args.json:
         _print_json(status)

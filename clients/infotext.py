@@ -65,8 +65,10 @@ def _parse_params(line: str) -> dict[str, str] | None:
         key, value = match.group(1).strip(), match.group(2).strip()
         params[key] = json.loads(value) if value.startswith('"') else value
         pos = match.end()
+    # Like other tools: a line of pairs is settings when it names a known key or has three pairs
+    # ("a cat: sitting" stays a prompt; "Steps: 20, Stepz: 3" is settings, with a bad key).
     known = set(_KEYS) | _RECORD_ONLY
-    return params if params and any(key in known for key in params) else None
+    return params if any(key in known for key in params) or len(params) >= 3 else None
 
 
 def parse_infotext(text: str) -> Infotext:

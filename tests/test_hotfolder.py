@@ -1,0 +1,197 @@
+"""The hot folder with the real daemon and real filesystem events: exactly once, whatever dies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusiond.clients.infotext import parse_infotext
+from diffusiond.clients.pngtext import read_text
+
+PARAMS = "Steps: 1, Size: 64x64, CFG scale: 1"
+
+
+class HotFolderProcess:
+    def __init__(self, daemon, folder: Path) -> None:
+        self.daemon, self.folder = daemon, folder
+        self.log = folder.parent / f"{folder.name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> HotFolderProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(self.daemon.runtime_dir),
+             "--json", "hotfolder", str(self.folder), "--settle", "1"],
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def reports(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+def files_in(folder: Path, pattern: str = "*") -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.exists() else []
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def drop(folder: Path, name: str, text: str) -> None:
+    (folder / name).write_text(text)
+
+
+def slow_writer(path: Path, text: str, first_chunk_written: threading.Event, go_on: threading.Event) -> None:
+    """One open file, written in chunks with pauses shorter than the settle time, closed at the end."""
+    chunks = [text[i : i + 6] for i in range(0, len(text), 6)]
+    with open(path, "w") as file:
+        file.write(chunks[0])
+        file.flush()
+        first_chunk_written.set()
+        go_on.wait(60)
+        for chunk in chunks[1:]:
+            time.sleep(0.1)
+            file.write(chunk)
+            file.flush()
+
+
+def assert_exactly_once(folder: Path, prompts: set[str], jobs: list[dict]) -> None:
+    done = files_in(folder / "done", "*.txt")
+    images = files_in(folder / "out", "*.png")
+    assert len(done) == len(prompts) and files_in(folder / "failed") == []
+    assert files_in(folder, "*.txt") == []
+    seen = [parse_infotext(read_text(image)["parameters"]).prompt for image in images]
+    assert sorted(seen) == sorted(prompts), "every prompt once, whole (none read half-way), none twice"
+    assert {image.stem for image in images} == {path.stem for path in done}
+    ours = [job for job in jobs if job["output_dir"] == str((folder / "out").resolve())]
+    assert len(ours) == len(prompts), "one job per file, across every restart"
+
+
+def all_jobs(daemon) -> list[dict]:
+    return daemon.call("list", limit=1000)["jobs"]
+
+
+def test_hundred_files_with_slow_writers_and_the_hot_folder_killed(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    wait_until(lambda: any(r["event"] == "watching" for r in hot.reports()), 60, "the hot folder to watch")
+    prompts = {f"prompt number {i} of a long series" for i in range(100)}
+    slow = [f"prompt number {i} of a long series" for i in range(90, 100)]
+    for i in range(90):
+        drop(folder, f"p{i:03}.txt", f"prompt number {i} of a long series\n{PARAMS}\n")
+    started, go_on = [], threading.Event()
+    writers = []
+    for i, prompt in zip(range(90, 100), slow):
+        started.append(threading.Event())
+        writers.append(threading.Thread(target=slow_writer, args=(folder / f"p{i:03}.txt", f"{prompt}\n{PARAMS}\n", started[-1], go_on)))
+        writers[-1].start()
+    for event in started:
+        assert event.wait(30)
+    wait_until(lambda: len(files_in(folder / "done")) >= 20, 120, "20 files done")
+    hot.kill()  # mid-way: some done, some submitted, ten half-written
+    hot.start()
+    go_on.set()
+    for writer in writers:
+        writer.join(60)
+    wait_until(lambda: len(files_in(folder / "done")) >= 100, 300, "100 files done")
+    assert hot.stop() == 0
+    assert_exactly_once(folder, prompts, all_jobs(daemon))
+
+
+def test_the_daemon_killed_and_restarted_mid_way(fresh, tmp_path) -> None:
+    fresh.start()
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(fresh, folder).start()
+    wait_until(lambda: any(r["event"] == "watching" for r in hot.reports()), 60, "the hot folder to watch")
+    prompts = {f"drop {i}" for i in range(60)}
+    for i in range(60):
+        drop(folder, f"d{i:02}.txt", f"drop {i}\n{PARAMS}\n")
+    wait_until(lambda: len(files_in(folder / "done")) >= 10, 120, "10 files done")
+    fresh.kill(signal.SIGKILL)
+    wait_until(lambda: any(r["event"] == "waiting" for r in hot.reports()), 60, "the hot folder to notice")
+    fresh.start()
+    wait_until(lambda: len(files_in(folder / "done")) >= 60, 300, "60 files done")
+    assert hot.stop() == 0
+    assert_exactly_once(folder, prompts, all_jobs(fresh))
+
+
+def test_malformed_files_fail_with_the_reason_beside_them(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    cases = {
+        "unknown.txt": ("a cat\nSteps: 2, Sampler: Euler, Colour: blue\n", "unknown settings: Colour"),
+        "value.txt": ("a cat\nSteps: many, Size: 64x64\n", "Steps: 'many'"),
+        "size.txt": ("a cat\nSteps: 1, Size: 65x64\n", "width: must be a multiple of 8"),
+        "sampler.txt": ("a cat\nSteps: 1, Size: 64x64, Sampler: Heun\n", "unknown scheduler 'Heun'"),
+        "empty.txt": ("", "no prompt"),
+        "binary.txt": (None, "utf-8"),
+    }
+    for name, (text, _) in cases.items():
+        if text is None:
+            (folder / name).write_bytes(b"\xff\xfe\x00bad")
+        else:
+            drop(folder, name, text)
+    drop(folder, "fine.txt", f"a fine cat\n{PARAMS}\n")
+    hot = HotFolderProcess(daemon, folder).start()
+    wait_until(lambda: len(files_in(folder / "failed", "*.error.txt")) == len(cases), 120, "the failures")
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the good file")
+    assert hot.stop() == 0
+    for name, (_, reason) in cases.items():
+        assert (folder / "failed" / name).exists()
+        assert reason in (folder / "failed" / name.replace(".txt", ".error.txt")).read_text(), name
+    assert [p.name for p in files_in(folder / "out")] == ["fine.png"]
+
+
+def test_files_dropped_while_nothing_runs_and_a_late_daemon(fresh, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    drop(folder, "early.txt", f"dropped before anything ran\n{PARAMS}\n")
+    drop(folder, ".hidden.txt", "not a prompt")
+    drop(folder, "draft.txt~", "an editor's backup")
+    drop(folder, "notes.md", "not a prompt file")
+    hot = HotFolderProcess(fresh, folder).start()
+    wait_until(lambda: any(r["event"] == "waiting" for r in hot.reports()), 60, "the hot folder to wait")
+    assert files_in(folder / "done") == [] and (folder / "early.txt").exists()
+    fresh.start()
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the early file")
+    drop(folder, "early.txt", f"the same name again\n{PARAMS}\n")  # a new drop: new images, nothing overwritten
+    wait_until(lambda: len(files_in(folder / "done")) == 2, 120, "the second drop")
+    assert hot.stop() == 0
+    assert [p.name for p in files_in(folder / "done")] == ["early-2.txt", "early.txt"]
+    assert [p.name for p in files_in(folder / "out")] == ["early-2.png", "early.png"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [".hidden.txt", "draft.txt~", "notes.md"]
+    kinds = [r["event"] for r in hot.reports()]
+    assert kinds.index("waiting") < kinds.index("queued") < kinds.index("done")
+
+
+@pytest.mark.parametrize("count", [2])
+def test_a_file_asking_for_several_images_gets_them_all(daemon, tmp_path, count) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    drop(folder, "many.txt", f"several\nNegative prompt: blur\n{PARAMS}, Batch size: {count}\n")
+    hot = HotFolderProcess(daemon, folder).start()
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file")
+    assert hot.stop() == 0
+    images = files_in(folder / "out")
+    assert [p.name for p in images] == ["many-2.png", "many.png"]
+    assert parse_infotext(read_text(images[0])["parameters"]).negative_prompt == "blur"
