@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -113,11 +114,21 @@ def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> 
     for name, value in (("width", width), ("height", height)):
         _check(_is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0 and value % factor == 0, name,
                f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")
-    try:
-        schedulers.create(r.scheduler, model.scheduler_config).set_timesteps(r.steps)
-    except ValueError as exc:
-        raise InvalidParameter("steps", str(exc)) from None
+    refusal = _scheduler_refusal(r.scheduler, r.steps, model)
+    if refusal:
+        raise InvalidParameter("steps", refusal)
     return replace(r, seed=seed, width=width, height=height)
+
+
+@lru_cache(maxsize=1024)
+def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder) -> str:
+    """Why the scheduler refuses this step count for this model ("" when it does not); cached,
+    since the daemon asks at every submit."""
+    try:
+        schedulers.create(scheduler, model.scheduler_config).set_timesteps(steps)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 class Pipeline:
