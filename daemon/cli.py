@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     for command in (serve, start, stop):
         command.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
     start.add_argument("--timeout", type=float, default=300, help="seconds to wait for the model to be warm")
+    install = commands.add_parser("install", help="start the daemon at login (LaunchAgent on macOS, systemd --user on Linux)")
+    install.add_argument("--hotfolder", type=Path, metavar="DIR", help="also run a hot folder on DIR at login")
+    install.add_argument("--config", type=Path, help="the config the service runs with")
+    commands.add_parser("uninstall", help="stop the login services and remove them")
+    commands.add_parser("service-status", help="whether each login service is loaded and running, and its logs")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
@@ -177,9 +182,51 @@ def _stop(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _install(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from . import service
+
+    if args.hotfolder is not None and not args.hotfolder.is_dir():
+        print(f"diffusiond: {args.hotfolder} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    manager = service.manager()
+    try:
+        paths = service.install(service.services(args.config, args.hotfolder), manager)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        print(f"diffusiond: installing failed: {exc} {detail.strip()}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in paths:
+        print(f"installed {path}")
+    if manager == "systemd":
+        print("to keep it running after you log out: loginctl enable-linger", file=sys.stderr)
+    return EXIT_OK
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from . import service
+
+    for path in service.uninstall(service.manager()):
+        print(f"removed {path}")
+    return EXIT_OK
+
+
+def _service_status(args: argparse.Namespace) -> int:
+    from . import service
+
+    for row in service.status(service.manager()):
+        print(f"{row['service']}: installed {row['installed']}, loaded {row['loaded']}, {row['state']}, "
+              f"pid {row['pid']}; logs: {row['logs']}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "start": _start, "stop": _stop, "generate": _generate}
+    commands = {
+        "serve": _serve, "start": _start, "stop": _stop, "generate": _generate,
+        "install": _install, "uninstall": _uninstall, "service-status": _service_status,
+    }
     try:
         return commands[args.command](args)
     except EngineError as exc:

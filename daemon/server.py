@@ -27,6 +27,7 @@ from . import schedulers
 from .config import Config
 from .errors import EngineError
 from .model import ModelFolder
+from .notify import notify
 from .pipeline import Request, resolve
 from .queue import JobQueue
 from .sockets import bind, hold_lock, secure_runtime_dir
@@ -105,6 +106,7 @@ class Server:
                     exit_code = 1
                     break
         finally:
+            notify("STOPPING=1")
             self._publish(DAEMON_TOPIC, {"type": "daemon.stopping"})
             self.worker.stop()
             self.worker.join(timeout=60)

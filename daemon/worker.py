@@ -21,6 +21,7 @@ from diffusiond.clients.protocol import Code, pack
 from .config import Config
 from .errors import Cancelled, EngineError
 from .model import ModelFolder
+from .notify import notify
 from .pipeline import Pipeline, Request
 from .png import infotext, write_png
 from .preview import preview_jpeg
@@ -64,6 +65,7 @@ class Worker(threading.Thread):
         try:
             self._load(self.config.model)
             self.ready.set()
+            notify(f"READY=1\nSTATUS=ready, {self.loaded} loaded")
             self._emit(b"daemon", {"type": "daemon.ready", "model": self.loaded})
             while not self.stopping.is_set():
                 self.wake.clear()

@@ -1,0 +1,199 @@
+"""Always on at login: LaunchAgents on macOS, systemd --user units on Linux.
+
+The files are built by pure functions (tested on any OS); `launchctl` and `systemctl` are called
+in one thin place each, the boundary this module cannot cross on the other OS.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DAEMON, HOTFOLDER = "daemon", "hotfolder"
+LABELS = {DAEMON: "org.diffusiond.daemon", HOTFOLDER: "org.diffusiond.hotfolder"}
+UNITS = {DAEMON: "diffusiond.service", HOTFOLDER: "diffusiond-hotfolder.service"}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str  # DAEMON or HOTFOLDER
+    arguments: list[str]  # the command line, interpreter first, every path absolute
+
+
+def services(config: Path | None, hotfolder: Path | None) -> list[Service]:
+    """What to install: the daemon, and the hot folder when asked; both run by this interpreter."""
+    python = sys.executable
+    config_args = ["--config", str(config.resolve())] if config else []
+    result = [Service(DAEMON, [python, "-m", "diffusiond.daemon.cli", "serve", *config_args])]
+    if hotfolder is not None:
+        result.append(Service(HOTFOLDER, [python, "-m", "diffusiond.clients.cli", "hotfolder", str(hotfolder.resolve())]))
+    return result
+
+
+def _environment() -> dict[str, str]:
+    """What the service needs of the installing shell: launchd and systemd start with almost nothing."""
+    keep = ("PATH", "HF_HOME", "HF_HUB_OFFLINE", "DIFFUSIOND_RUNTIME_DIR", "DIFFUSIOND_CONFIG")
+    return {key: os.environ[key] for key in keep if os.environ.get(key)}
+
+
+# -- macOS ---------------------------------------------------------------------------------------
+
+def log_dir() -> Path:
+    return Path.home() / "Library" / "Logs" / "diffusiond"
+
+
+def plist_path(name: str) -> Path:
+    return Path.home() / "Library" / "LaunchAgents" / f"{LABELS[name]}.plist"
+
+
+def launch_agent(service: Service) -> dict:
+    log = str(log_dir() / f"{service.name}.log")
+    return {
+        "Label": LABELS[service.name],
+        "ProgramArguments": service.arguments,
+        "RunAtLoad": True,
+        # Restart after a crash (non-zero exit or a signal), not after a requested stop (exit 0).
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 10,
+        # Image generation is what the user is waiting for: no background throttling.
+        "ProcessType": "Interactive",
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+        "EnvironmentVariables": _environment(),
+        "WorkingDirectory": str(Path.home()),
+    }
+
+
+# -- Linux ---------------------------------------------------------------------------------------
+
+def unit_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+
+
+def _quote(argument: str) -> str:
+    """systemd's command-line quoting: a word with spaces, quotes, backslashes or % in double quotes."""
+    if argument and not any(c in argument for c in ' \t"\'\\%$;'):
+        return argument
+    return '"' + argument.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
+
+
+def systemd_unit(service: Service) -> str:
+    command = " ".join(_quote(argument) for argument in service.arguments)
+    environment = "".join(f"Environment={_quote(f'{k}={v}')}\n" for k, v in _environment().items())
+    if service.name == DAEMON:
+        return (
+            "[Unit]\n"
+            "Description=diffusiond, the local text-to-image daemon\n\n"
+            "[Service]\n"
+            # READY=1 comes once the model is warm: `systemctl start` returns when jobs can run.
+            "Type=notify\n"
+            f"ExecStart={command}\n"
+            f"{environment}"
+            "WorkingDirectory=%h\n"
+            "Restart=on-failure\n"
+            "RestartSec=5\n"
+            "TimeoutStartSec=900\n"
+            "TimeoutStopSec=120\n\n"
+            "[Install]\n"
+            "WantedBy=default.target\n"
+        )
+    return (
+        "[Unit]\n"
+        "Description=diffusiond hot folder: prompt files in, images out\n"
+        f"Wants={UNITS[DAEMON]}\n"
+        f"After={UNITS[DAEMON]}\n\n"
+        "[Service]\n"
+        "Type=exec\n"
+        f"ExecStart={command}\n"
+        f"{environment}"
+        "WorkingDirectory=%h\n"
+        "Restart=on-failure\n"
+        "RestartSec=5\n\n"
+        "[Install]\n"
+        "WantedBy=default.target\n"
+    )
+
+
+# -- install, uninstall, status ------------------------------------------------------------------
+
+def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
+
+
+def install(wanted: list[Service], manager: str) -> list[Path]:
+    """Write and load every service; a reinstall replaces the running one cleanly."""
+    written = []
+    if manager == "launchd":
+        log_dir().mkdir(parents=True, exist_ok=True)
+        domain = f"gui/{os.getuid()}"
+        for service in wanted:
+            path = plist_path(service.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _run("launchctl", "bootout", f"{domain}/{LABELS[service.name]}", check=False)
+            path.write_bytes(plistlib.dumps(launch_agent(service)))
+            _run("launchctl", "bootstrap", domain, str(path))
+            written.append(path)
+        return written
+    unit_dir().mkdir(parents=True, exist_ok=True)
+    for service in wanted:
+        path = unit_dir() / UNITS[service.name]
+        path.write_text(systemd_unit(service))
+        written.append(path)
+    _run("systemctl", "--user", "daemon-reload")
+    for service in wanted:
+        _run("systemctl", "--user", "enable", UNITS[service.name])
+        _run("systemctl", "--user", "restart", UNITS[service.name])
+    return written
+
+
+def uninstall(manager: str) -> list[Path]:
+    removed = []
+    for name in (HOTFOLDER, DAEMON):
+        if manager == "launchd":
+            path = plist_path(name)
+            _run("launchctl", "bootout", f"gui/{os.getuid()}/{LABELS[name]}", check=False)
+        else:
+            path = unit_dir() / UNITS[name]
+            if path.exists():
+                _run("systemctl", "--user", "disable", "--now", UNITS[name], check=False)
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    if manager == "systemd" and removed:
+        _run("systemctl", "--user", "daemon-reload")
+    return removed
+
+
+def status(manager: str) -> list[dict[str, str]]:
+    """Per service: installed, loaded, running, pid, and where its logs are."""
+    rows = []
+    for name in (DAEMON, HOTFOLDER):
+        if manager == "launchd":
+            path = plist_path(name)
+            shown = _run("launchctl", "print", f"gui/{os.getuid()}/{LABELS[name]}", check=False)
+            fields = dict(
+                line.strip().split(" = ", 1) for line in shown.stdout.splitlines() if " = " in line and line.startswith("\t") and not line.startswith("\t\t")
+            )
+            rows.append({
+                "service": LABELS[name], "installed": str(path.exists()), "loaded": str(shown.returncode == 0),
+                "state": fields.get("state", "not loaded"), "pid": fields.get("pid", "-"),
+                "logs": str(log_dir() / f"{name}.log"),
+            })
+        else:
+            path = unit_dir() / UNITS[name]
+            shown = _run("systemctl", "--user", "show", UNITS[name], "--property=LoadState,ActiveState,SubState,MainPID", check=False)
+            fields = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+            rows.append({
+                "service": UNITS[name], "installed": str(path.exists()), "loaded": str(fields.get("LoadState") == "loaded"),
+                "state": f"{fields.get('ActiveState', 'unknown')} ({fields.get('SubState', '?')})",
+                "pid": fields.get("MainPID", "-"), "logs": f"journalctl --user -u {UNITS[name]}",
+            })
+    return rows
+
+
+def manager() -> str:
+    return "launchd" if sys.platform == "darwin" else "systemd"
