@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
-from .infotext import job_settings, parse_infotext
+from .infotext import job_settings, parse_infotext, parse_size
 from .pngtext import read_text
 from .protocol import STATES
 
@@ -30,12 +30,12 @@ EXIT_INTERRUPTED = 130
 COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder")
 
 
-def _size(text: str) -> tuple[int, int]:
+def size_argument(text: str) -> tuple[int, int]:
+    """argparse type of --size (also used by `diffusiond generate`)."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return width, height
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=int)
     submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
     submit.add_argument("--seed", type=int)
-    submit.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8")
+    submit.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8")
     submit.add_argument("--scheduler", help="pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, lcm")
     submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
     submit.add_argument("--count", type=int, help="images from one generator")

@@ -85,6 +85,12 @@ def parse_infotext(text: str) -> Infotext:
     return Infotext("\n".join(prompt).strip(), "\n".join(negative).strip(), params or {})
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"512x768" → (512, 768); ValueError otherwise."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
 def job_settings(info: Infotext) -> tuple[dict[str, object], list[str]]:
     """Job fields named by an infotext, and the keys it carries that no job field takes.
 
@@ -103,8 +109,7 @@ def job_settings(info: Infotext) -> tuple[dict[str, object], list[str]]:
         name, kind = _KEYS[key]
         try:
             if name == "size":
-                width, height = (int(v) for v in value.lower().split("x"))
-                settings.update(width=width, height=height)
+                settings["width"], settings["height"] = parse_size(value)
             else:
                 settings[name] = kind(value)
         except ValueError:

@@ -7,19 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from diffusiond.clients.cli import size_argument
+
 from . import schedulers
 from .errors import EngineError
 from .pipeline import Limits, Request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return width, height
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
-    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
+    gen.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
     gen.add_argument("--seed", type=int, help="default: random, written into the PNG")
     gen.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{Limits.count}")
