@@ -116,19 +116,23 @@ def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> 
                f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")
     refusal = _scheduler_refusal(r.scheduler, r.steps, model)
     if refusal:
-        raise InvalidParameter("steps", refusal)
+        raise InvalidParameter(*refusal)
     return replace(r, seed=seed, width=width, height=height)
 
 
 @lru_cache(maxsize=1024)
-def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder) -> str:
-    """Why the scheduler refuses this step count for this model ("" when it does not); cached,
-    since the daemon asks at every submit."""
+def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder) -> tuple[str, str] | None:
+    """The field and reason when the scheduler refuses this model's config or this step count;
+    cached, since the daemon asks at every submit."""
     try:
-        schedulers.create(scheduler, model.scheduler_config).set_timesteps(steps)
+        instance = schedulers.create(scheduler, model.scheduler_config)
     except ValueError as exc:
-        return str(exc)
-    return ""
+        return "scheduler", f"{exc} (in the model's scheduler config); choose another scheduler"
+    try:
+        instance.set_timesteps(steps)
+    except ValueError as exc:
+        return "steps", str(exc)
+    return None
 
 
 class Pipeline:

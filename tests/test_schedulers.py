@@ -180,3 +180,11 @@ def test_sampler_names_round_trip() -> None:
     for name in schedulers.NAMES:
         assert schedulers.from_sampler_name(schedulers.sampler_name(name)) == name
     assert schedulers.from_sampler_name("dpm++ 2m karras") == "dpmpp_2m_karras"
+
+
+def test_config_values_a_scheduler_does_not_implement_are_refused_by_name() -> None:
+    for name in schedulers.NAMES:
+        with pytest.raises(ValueError, match="does not support prediction_type='flow'; supported: 'epsilon'"):
+            schedulers.create(name, {**CONFIGS["sd15"], "prediction_type": "flow"})
+    with pytest.raises(ValueError, match="thresholding=True"):
+        schedulers.create("ddim", {**CONFIGS["sd15"], "thresholding": True})

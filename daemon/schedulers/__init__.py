@@ -18,7 +18,7 @@ The contract each class keeps:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +43,16 @@ class Scheduler(Protocol):
     ) -> np.ndarray: ...
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray: ...
+
+
+def check_supported(owner: str, config: Mapping[str, Any], supported: Mapping[str, Iterable[Any]]) -> None:
+    """Refuse config values a scheduler does not implement rather than silently stepping differently."""
+    for key, values in supported.items():
+        values = tuple(values)
+        if config[key] not in values:
+            raise ValueError(
+                f"{owner} does not support {key}={config[key]!r}; supported: {', '.join(map(repr, values))}"
+            )
 
 
 # name -> (module, class, config overrides, the sampler name written into PNG infotext)

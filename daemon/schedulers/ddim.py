@@ -7,11 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Noise
+from . import Noise, check_supported
 from .betas import alphas_cumprod_from_config
-
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-_SPACINGS = ("linspace", "leading", "trailing")
 
 
 class DDIM:
@@ -31,15 +28,15 @@ class DDIM:
         "timestep_spacing": "leading",
         "rescale_betas_zero_snr": False,
     }
+    SUPPORTED: Mapping[str, tuple[Any, ...]] = {
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "thresholding": (False,),
+    }
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {**self.DEFAULTS, **config}
-        if self.config["prediction_type"] not in _PREDICTIONS:
-            raise ValueError(f"prediction_type {self.config['prediction_type']!r} must be one of {_PREDICTIONS}")
-        if self.config["timestep_spacing"] not in _SPACINGS:
-            raise ValueError(f"timestep_spacing {self.config['timestep_spacing']!r} must be one of {_SPACINGS}")
-        if self.config["thresholding"]:
-            raise ValueError("thresholding=True is not supported; use thresholding=False (clip_sample still works)")
+        check_supported(type(self).__name__, self.config, self.SUPPORTED)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         # The step past t=0 lands on "no noise at all" or, as SD ships, on the first training alpha.
         self.final_alpha_cumprod = (

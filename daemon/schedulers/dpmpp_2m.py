@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Noise
-from .sigmas import alphas_cumprod, check_supported, karras_sigmas, sigma_to_t, training_sigmas
+from . import Noise, check_supported
+from .sigmas import alphas_cumprod, karras_sigmas, sigma_to_t, training_sigmas
 
 # diffusers reads a DEIS or UniPC model's solver settings this way when switching to this scheduler.
 _ALIASES = {

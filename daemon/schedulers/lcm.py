@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from . import Noise
+from . import Noise, check_supported
 from .betas import alphas_cumprod_from_config
 
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 _SIGMA_DATA = np.float32(0.5)
 
 
@@ -32,13 +31,14 @@ class LCM:
         "timestep_scaling": 10.0,
         "rescale_betas_zero_snr": False,
     }
+    SUPPORTED: Mapping[str, tuple[Any, ...]] = {
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "thresholding": (False,),
+    }
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {**self.DEFAULTS, **config}
-        if self.config["prediction_type"] not in _PREDICTIONS:
-            raise ValueError(f"prediction_type {self.config['prediction_type']!r} must be one of {_PREDICTIONS}")
-        if self.config["thresholding"]:
-            raise ValueError("thresholding=True is not supported; use thresholding=False (clip_sample still works)")
+        check_supported(type(self).__name__, self.config, self.SUPPORTED)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         self.init_noise_sigma = 1.0
         self.timesteps = np.zeros(0, dtype=np.int64)

@@ -7,11 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Noise
+from . import Noise, check_supported
 from .betas import alphas_cumprod_from_config
-
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-_SPACINGS = ("linspace", "leading", "trailing")
 
 
 class PNDM:
@@ -29,13 +26,14 @@ class PNDM:
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
+    SUPPORTED: Mapping[str, tuple[Any, ...]] = {
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+    }
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {**self.DEFAULTS, **config}
-        if self.config["prediction_type"] not in _PREDICTIONS:
-            raise ValueError(f"prediction_type {self.config['prediction_type']!r} must be one of {_PREDICTIONS}")
-        if self.config["timestep_spacing"] not in _SPACINGS:
-            raise ValueError(f"timestep_spacing {self.config['timestep_spacing']!r} must be one of {_SPACINGS}")
+        check_supported(type(self).__name__, self.config, self.SUPPORTED)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         self.final_alpha_cumprod = (
             np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]

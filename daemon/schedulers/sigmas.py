@@ -5,7 +5,7 @@ Karras sigmas follow Karras et al. 2022, "Elucidating the Design Space…", eq. 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -42,13 +42,3 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigmas))
-
-
-def check_supported(owner: str, config: Mapping[str, Any], supported: Mapping[str, Iterable[Any]]) -> None:
-    """Refuse config values a scheduler does not implement rather than silently stepping differently."""
-    for key, values in supported.items():
-        values = tuple(values)
-        if config[key] not in values:
-            raise ValueError(
-                f"{owner} does not support {key}={config[key]!r}; supported: {', '.join(map(repr, values))}"
-            )
