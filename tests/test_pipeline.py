@@ -41,12 +41,15 @@ def pipeline(tiny, runtime) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def reference(tiny) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(tiny.path, safety_checker=None).to("cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny.path, safety_checker=None).to("cpu")
+    pipe.model_scheduler_config = pipe.scheduler.config  # before any test switches the scheduler
+    return pipe
 
 
 def diffusers_scheduler(name: str, pipe):
+    """Switched from the model's own scheduler, as a user switches it (not from the last test's)."""
     cls = getattr(__import__("diffusers"), schedulers.scheduler_class(name).DIFFUSERS_CLASS)
-    return cls.from_config(pipe.scheduler.config, **schedulers.overrides(name))
+    return cls.from_config(pipe.model_scheduler_config, **schedulers.overrides(name))
 
 
 def as_uint8(images: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .sigmas import alphas_cumprod, karras_sigmas, sigma_to_t, training_sigmas
+from .sigmas import SigmaSteps, alphas_cumprod, karras_sigmas, sigma_to_t, training_sigmas
 
 # diffusers reads a DEIS or UniPC model's solver settings this way when switching to this scheduler.
 _ALIASES = {
@@ -17,7 +17,7 @@ _ALIASES = {
 }
 
 
-class DPMSolverPP2M:
+class DPMSolverPP2M(SigmaSteps):
     DIFFUSERS_CLASS = "DPMSolverMultistepScheduler"
     DEFAULTS: Mapping[str, Any] = {
         "num_train_timesteps": 1000,
@@ -101,24 +101,8 @@ class DPMSolverPP2M:
         self.timesteps = timesteps.astype(np.int64)
         self._previous_x0: np.ndarray | None = None
         self._lower_order_nums = 0
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
-
-    def set_begin_index(self, begin_index: int) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep: int) -> int:
-        """The second match when a timestep repeats, the last index when absent (as diffusers does)."""
-        indices = np.flatnonzero(self.timesteps == timestep)
-        if len(indices) == 0:
-            return len(self.timesteps) - 1
-        return int(indices[1 if len(indices) > 1 else 0])
-
-    def _current_index(self, timestep: int) -> int:
-        if self._step_index is None:
-            begin = self._begin_index
-            self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
-        return self._step_index
+        self._step_index = None
+        self._begin_index = None
 
     def scale_model_input(self, sample: np.ndarray, timestep: int) -> np.ndarray:
         return sample
@@ -175,9 +159,5 @@ class DPMSolverPP2M:
         return prev_sample.astype(np.float32)
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: int) -> np.ndarray:
-        if self._begin_index is None:
-            index = self.index_for_timestep(timestep)
-        else:
-            index = self._step_index if self._step_index is not None else self._begin_index
-        alpha, sigma = self._alpha_sigma(index)
+        alpha, sigma = self._alpha_sigma(self._noise_index(timestep))
         return (alpha * original_samples + sigma * noise).astype(np.float32)

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .sigmas import alphas_cumprod, karras_sigmas, sigma_to_t, training_sigmas
+from .sigmas import SigmaSteps, alphas_cumprod, karras_sigmas, sigma_to_t, training_sigmas
 
 
-class Euler:
+class Euler(SigmaSteps):
     DIFFUSERS_CLASS = "EulerDiscreteScheduler"
     DEFAULTS: Mapping[str, Any] = {
         "num_train_timesteps": 1000,
@@ -74,8 +74,8 @@ class Euler:
             # EDM-style models are conditioned on c_noise = ln(σ)/4 rather than on t.
             timesteps = np.float32(0.25) * np.log(self.sigmas[:-1])
         self.timesteps = timesteps.astype(np.float32)
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
+        self._step_index = None
+        self._begin_index = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -84,22 +84,6 @@ class Euler:
         if self.config["timestep_spacing"] == "leading":
             sigma = np.sqrt(sigma * sigma + 1)
         return float(sigma)
-
-    def set_begin_index(self, begin_index: int) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep: float) -> int:
-        """The second match when a timestep repeats, so an img2img start skips no σ (as diffusers does)."""
-        indices = np.flatnonzero(self.timesteps == timestep)
-        if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not in this schedule")
-        return int(indices[1 if len(indices) > 1 else 0])
-
-    def _current_index(self, timestep: float) -> int:
-        if self._step_index is None:
-            begin = self._begin_index
-            self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
-        return self._step_index
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """The model was trained on x/√(σ²+1) (unit variance), not on the σ-scaled x the sampler carries."""
@@ -125,8 +109,4 @@ class Euler:
         return (sample + derivative * (sigma_next - sigma)).astype(np.float32)
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
-        if self._begin_index is None:
-            index = self.index_for_timestep(timestep)
-        else:
-            index = self._step_index if self._step_index is not None else self._begin_index
-        return (original_samples + noise * self.sigmas[index]).astype(np.float32)
+        return (original_samples + noise * self.sigmas[self._noise_index(timestep)]).astype(np.float32)

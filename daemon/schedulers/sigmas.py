@@ -42,3 +42,35 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigmas))
+
+
+class SigmaSteps:
+    """Where a σ-scheduler stands in its schedule, found the way diffusers finds it: from
+    set_begin_index (img2img) or else from the first timestep it is given, then counted."""
+
+    timesteps: np.ndarray
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: float) -> int:
+        """The second match when a timestep repeats, so an img2img start skips no σ; the last
+        index when it is absent."""
+        indices = np.flatnonzero(self.timesteps == timestep)
+        if len(indices) == 0:
+            return len(self.timesteps) - 1
+        return int(indices[1 if len(indices) > 1 else 0])
+
+    def _current_index(self, timestep: float) -> int:
+        if self._step_index is None:
+            begin = self._begin_index
+            self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
+        return self._step_index
+
+    def _noise_index(self, timestep: float) -> int:
+        """The σ that add_noise uses: img2img's start, or the given timestep's."""
+        if self._begin_index is None:
+            return self.index_for_timestep(timestep)
+        return self._step_index if self._step_index is not None else self._begin_index
