@@ -23,11 +23,11 @@ from typing import Any
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
 from .infotext import job_settings, parse_infotext, parse_size
 from .pngtext import read_text
-from .protocol import STATES
+from .protocol import STATES, unpack
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
-COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder")
+COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models")
 
 
 def size_argument(text: str) -> tuple[int, int]:
@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="every event as it happens (Ctrl-C stops)")
     watch.add_argument("id", nargs="?", help="only this job, until it finishes")
     commands.add_parser("status", help="the daemon's version, models and queue")
+    models = commands.add_parser("models", help="catalog and local models; pull or remove one")
+    models_commands = models.add_subparsers(dest="models_command")
+    pull = models_commands.add_parser("pull", help="download a Hub model (org/name[@revision] or a catalog name)")
+    pull.add_argument("name")
+    pull.add_argument("--compute-units", default="auto",
+                      choices=("auto", "cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly"),
+                      help="Core ML models: the variant these compute units run best")
+    pull.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 5)")
+    models_commands.add_parser("remove", help="delete a downloaded Hub model").add_argument("name")
     hot = commands.add_parser("hotfolder", help="turn .txt prompt files dropped into DIR into images (runs until stopped)")
     hot.add_argument("dir", type=Path)
     hot.add_argument("--out", type=Path, help="folder for the images (default: DIR/out)")
@@ -131,7 +140,13 @@ class Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "model.loading":
+        if kind == "model.downloading":
+            self._draw(f"downloading {event['model']} …")
+        elif kind == "model.download":
+            mb = 1024 * 1024
+            self._draw(f"downloading {event['model']}: {event['bytes'] / mb:.1f}/{event['total'] / mb:.1f} MB "
+                       f"at {event['rate'] / mb:.1f} MB/s {event['file']}")
+        elif kind == "model.loading":
             self._draw(f"loading model {event['model']} …")
         elif kind == "job.started":
             self._draw("started")
@@ -235,6 +250,63 @@ def _hotfolder(client: Client, args: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
+def _size_text(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    if args.models_command == "remove":
+        reply = client.call("remove", model=args.name)
+        print(f"removed {reply['removed']} ({_size_text(reply['freed'])})")
+        return EXIT_DONE
+    if args.models_command == "pull":
+        return _pull(client, args)
+    listing = client.call("models")
+    if args.json:
+        _print_json(listing)
+        return EXIT_DONE
+    for model in listing["models"]:
+        state = "loaded" if model.get("loaded") else "downloaded" if model.get("downloaded", True) else "not downloaded"
+        where = model.get("path") or model.get("repo", "")
+        print(f"{model['name']:<24} {model['runtime']:<7} {model.get('variant', ''):<17} {_size_text(model.get('size')):>9}  "
+              f"{state:<14} {where}")
+    return EXIT_DONE
+
+
+def _pull(client: Client, args: argparse.Namespace) -> int:
+    """Ask the daemon to pull, then follow its model events with a bar, with a deadline if asked."""
+    events = client.subscribe([b"model."])
+    try:
+        topic = client.call("pull", model=args.name, compute_units=args.compute_units)["topic"].encode()
+        progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not events.poll(None if wait is None else int(wait * 1000)):
+                    raise WaitTimeout(f"the pull of {args.name} goes on after {args.timeout:g}s")
+                got, body = events.recv_multipart()
+                if got != topic:
+                    continue
+                event = unpack(body)
+                progress(event)
+                if event["type"] == "model.downloaded":
+                    progress.end()
+                    _print_json(event) if args.json else print(event["path"])
+                    return EXIT_DONE
+                if event["type"] == "model.download_failed":
+                    progress.end()
+                    print(f"diffuse: {event['message']} ({event['code']})", file=sys.stderr)
+                    return EXIT_CANCELLED if event["code"] == "cancelled" else EXIT_FAILED
+        except KeyboardInterrupt:
+            progress.end()
+            client.call("cancel", model=args.name)
+            print(f"diffuse: cancelled the pull of {args.name}; files that arrived whole are kept", file=sys.stderr)
+            return EXIT_CANCELLED
+    finally:
+        events.close()
+
+
 def _run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "submit":
         return _submit(client, args)
@@ -271,6 +343,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return _watch(client, args)
     if args.command == "hotfolder":
         return _hotfolder(client, args)
+    if args.command == "models":
+        return _models(client, args)
     status = client.ping()
     if args.json:
         _print_json(status)

@@ -18,7 +18,7 @@ VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HARD_MESSAGE_BYTES = 64 * 1024 * 1024
 
-OPS = ("ping", "submit", "get", "list", "cancel", "pause", "resume", "retry", "prune", "shutdown")
+OPS = ("ping", "submit", "get", "list", "cancel", "pause", "resume", "retry", "prune", "shutdown", "models", "pull", "remove")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 

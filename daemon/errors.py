@@ -21,6 +21,12 @@ class ModelNotFound(EngineError):
     code = "model_not_found"
 
 
+class ModelNotDownloaded(ModelNotFound):
+    """A Hub model that is not (completely) in the Hugging Face cache yet."""
+
+    code = "model_not_downloaded"
+
+
 class ModelInvalid(EngineError):
     code = "model_invalid"
 

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelInvalid, ModelNotFound
+from .errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
 
 TINY = Path(__file__).resolve().parent / "models" / "tiny"
 ALIASES = {"tiny": TINY}
@@ -27,12 +27,23 @@ class ModelFolder:
 
     @classmethod
     def open(cls, name: str) -> ModelFolder:
-        """A model by alias or local folder; Hub ids arrive with the model store."""
+        """A model by alias, local folder, or Hub id (`org/name[@revision]`) already in the HF cache."""
+        from . import catalog, store
+
         path = ALIASES.get(name, Path(name).expanduser())
+        entry = catalog.lookup(name)
+        if entry is not None and entry.runtime != "torch":
+            raise ModelInvalid(f"{name} is a Core ML model ({entry.repo}): the coreml runtime runs it, on a Mac")
+        repo = catalog.repo_for(name)
+        if store.is_hub_id(repo):
+            cached = store.local_path(repo)
+            if cached is None:
+                raise ModelNotDownloaded(f"{name} is not downloaded yet; a job for it downloads it first")
+            path = cached
         if not (path / "model_index.json").is_file():
             raise ModelNotFound(
                 f"no diffusers model at {path} (model_index.json missing); "
-                f"give a folder in diffusers layout or one of: {', '.join(ALIASES)}"
+                f"give a folder in diffusers layout, a Hub id (org/name), or one of: {', '.join(ALIASES)}"
             )
         folder = cls(path.resolve(), name)
         missing = [part for part in _REQUIRED if not (folder.path / part).is_dir()]

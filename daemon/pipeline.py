@@ -81,8 +81,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> Request:
-    """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed."""
+def resolve(request: Request, model: ModelFolder | None, limits: Limits = Limits()) -> Request:
+    """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed.
+
+    Without the model (a Hub model not downloaded yet) what depends on it — the default size, the
+    VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again.
+    """
     r = request
     _check(isinstance(r.prompt, str) and 0 < len(r.prompt) <= limits.prompt_chars, "prompt",
            f"must be 1 to {limits.prompt_chars} characters")
@@ -98,7 +102,7 @@ def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> 
     _check(isinstance(r.safety_checker, bool), "safety_checker", f"must be true or false, got {r.safety_checker!r}")
     seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-    factor = model.vae_scale_factor
+    factor = model.vae_scale_factor if model else 8
     width, height = r.width, r.height
     if r.init_image is not None:
         _check(isinstance(r.init_image, Image.Image), "init_image", "must be an image")
@@ -109,6 +113,11 @@ def resolve(request: Request, model: ModelFolder, limits: Limits = Limits()) -> 
         # diffusers' default: the init image's own size, rounded down to the VAE's factor.
         width = width or r.init_image.width // factor * factor
         height = height or r.init_image.height // factor * factor
+    if model is None:
+        for name, value in (("width", width), ("height", height)):
+            _check(value is None or _is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0, name,
+                   f"must be a multiple of 8 from {MIN_SIZE} to {limits.size}, got {value!r}")
+        return replace(r, seed=seed, width=width, height=height)
     width = width or model.default_size
     height = height or model.default_size
     for name, value in (("width", width), ("height", height)):

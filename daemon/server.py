@@ -17,16 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from diffusiond.clients.protocol import (
+    DAEMON_TOPIC,
+    MAX_MESSAGE_BYTES,
+    OPS,
+    STATES,
+    VERSION,
+    Code,
+    ProtocolError,
+    error,
+    ok,
+    pack,
+    unpack,
+)
 from PIL import Image
 
-from diffusiond.clients.protocol import (
-    DAEMON_TOPIC, MAX_MESSAGE_BYTES, OPS, STATES, VERSION, Code, ProtocolError, error, ok, pack, unpack,
-)
-
-from . import schedulers
+from . import catalog, coreml_layout, schedulers, store
+from .coreml_layout import COMPUTE_UNITS
+from .downloader import Downloader
+from .hardware import hardware_facts
 from .config import Config
-from .errors import EngineError
-from .model import ModelFolder
+from .errors import EngineError, ModelNotDownloaded
+from .model import ALIASES, ModelFolder
 from .notify import notify
 from .pipeline import Request, resolve
 from .queue import JobQueue
@@ -73,7 +85,8 @@ class Server:
         """Run until shutdown or SIGTERM; 0 for a requested stop."""
         runtime_dir = secure_runtime_dir(self.config.runtime_dir)
         lock = hold_lock(runtime_dir)
-        self._model(self.config.model)  # a missing default model stops the start, with the reason
+        if not store.is_hub_id(self.config.model):
+            self._model(self.config.model)  # a missing default model stops the start, with the reason
         self.context = zmq.Context()
         self.router, self.events = bind(self.context, runtime_dir)
         pull = self.context.socket(zmq.PULL)
@@ -84,6 +97,10 @@ class Server:
             log.info("recovered after a crash: %d jobs queued again, %d cancelled", len(requeued), len(cancelled))
         self.worker = Worker(self.config, self.context)
         self.worker.start()
+        from .runtimes.torch_runtime import pick_device
+
+        self.downloader = Downloader(self.context, gpu=pick_device(self.config.device).type != "cpu")
+        self.downloader.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("listening in %s (pid %d); loading %s", runtime_dir, os.getpid(), self.config.model)
@@ -108,8 +125,12 @@ class Server:
         finally:
             notify("STOPPING=1")
             self._publish(DAEMON_TOPIC, {"type": "daemon.stopping"})
+            if self.downloader.active:
+                self.downloader.cancel(self.downloader.active)  # files that arrived whole stay cached
+            self.downloader.stop()
             self.worker.stop()
             self.worker.join(timeout=60)
+            self.downloader.join(timeout=10)
             while pull.poll(0):
                 self._forward(pull)
             self.queue.close()
@@ -218,9 +239,13 @@ class Server:
             reply = error(request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
         return [*envelope, pack(reply)]
 
-    def _model(self, name: str) -> ModelFolder:
+    def _model(self, name: str) -> ModelFolder | None:
+        """The model's facts for validation; None for a Hub model that its job will download."""
         if name not in self.models:
-            self.models[name] = ModelFolder.open(name)
+            try:
+                self.models[name] = ModelFolder.open(name)
+            except ModelNotDownloaded:
+                return None
         return self.models[name]
 
     def _op_ping(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +320,10 @@ class Server:
         return {"jobs": [job.to_wire() for job in jobs], "counts": self.queue.counts()}
 
     def _op_cancel(self, message: dict[str, Any]) -> dict[str, Any]:
+        if "model" in message:
+            model = _field(message, "model", str)
+            self.downloader.cancel(catalog.repo_for(model))
+            return {"model": model}
         if _field(message, "all_queued", bool, False):
             ids = self.queue.cancel_queued()
             for job_id in ids:
@@ -325,6 +354,39 @@ class Server:
     def _op_prune(self, message: dict[str, Any]) -> dict[str, Any]:
         before = _field(message, "before", (int, float), time.time())
         return {"pruned": self.queue.prune(float(before))}
+
+    def _op_models(self, message: dict[str, Any]) -> dict[str, Any]:
+        loaded = self.worker.loaded
+        cached = {m["name"]: m for m in store.cached_models()}
+        models = [{"name": alias, "source": "shipped", "runtime": "torch", "path": str(path),
+                   "size": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), "loaded": alias == loaded}
+                  for alias, path in ALIASES.items()]
+        for entry in catalog.CATALOG:
+            local = cached.pop(entry.repo, None)
+            models.append({"name": entry.alias, "repo": entry.repo, "source": "catalog", "runtime": entry.runtime,
+                           "variant": entry.variant, "description": entry.description, "downloaded": local is not None,
+                           "size": local["size"] if local else None, "path": local["path"] if local else None,
+                           "loaded": loaded in (entry.alias, entry.repo)})
+        for name, local in cached.items():
+            models.append({**local, "source": "hub", "downloaded": True, "loaded": loaded == name})
+        return {"models": models, "loaded": [loaded] if loaded else []}
+
+    def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
+        name = catalog.repo_for(_field(message, "model", str, ""))
+        units = _field(message, "compute_units", str, "auto")
+        if units not in COMPUTE_UNITS:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNITS)}")
+        if not store.is_hub_id(name):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"model: {name!r} is not a Hub id (org/name) or a catalog alias")
+        self.downloader.pull(name, coreml_layout.auto_compute_units(*hardware_facts()) if units == "auto" else units)
+        return {"pulling": name, "topic": f"model.{name}"}
+
+    def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:
+        name = catalog.repo_for(_field(message, "model", str, ""))
+        if name == self.worker.loaded:
+            raise ProtocolError(Code.INVALID_STATE, f"{name} is loaded; load another model first")
+        self.models.pop(name, None)
+        return {"removed": name, "freed": store.remove(name)}
 
     def _op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested = True

@@ -10,16 +10,17 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
+from diffusiond.clients.protocol import Code, pack
 from PIL import Image
 
-from diffusiond.clients.protocol import Code, pack
-
+from . import catalog, store
 from .config import Config
-from .errors import Cancelled, EngineError
+from .errors import Cancelled, EngineError, ModelNotDownloaded
 from .model import ModelFolder
 from .notify import notify
 from .pipeline import Pipeline, Request
@@ -81,14 +82,25 @@ class Worker(threading.Thread):
             queue.close()
             self.events.close()
 
-    def _load(self, name: str) -> None:
-        from .runtimes.torch_runtime import TorchRuntime
+    def _load(self, name: str, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Load a model, downloading it first when it is a Hub model not yet in the cache."""
+        from .runtimes.torch_runtime import TorchRuntime, pick_device
 
         topic = f"model.{name}".encode()
         self.loading = name
+        try:
+            model = ModelFolder.open(name)
+        except ModelNotDownloaded:
+            gpu = pick_device(self.config.device).type != "cpu"
+            self._emit(topic, {"type": "model.downloading", "model": name})
+            store.pull(
+                catalog.repo_for(name), gpu, lambda progress: self._emit(topic, {"type": "model.download", **progress}),
+                cancelled,
+            )
+            model = ModelFolder.open(name)
+            self._emit(topic, {"type": "model.downloaded", "model": name, "path": str(model.path)})
         self._emit(topic, {"type": "model.loading", "model": name})
         started = time.monotonic()
-        model = ModelFolder.open(name)
         runtime = TorchRuntime(model.path, self.config.device, with_safety_checker=model.has_safety_checker)
         previous, self.pipeline = self.loaded, Pipeline(model, runtime, self.config.limits)
         self.loaded, self.loading = name, None
@@ -103,7 +115,7 @@ class Worker(threading.Thread):
         self._emit(topic, {"type": "job.started", "job": job.id, "attempt": job.attempts})
         try:
             if job.model != self.loaded:
-                self._load(job.model)
+                self._load(job.model, cancelled=lambda: job.id in self.cancels or self.stopping.is_set())
             request = self._request(queue, job)
             result = self.pipeline.generate(
                 request, on_step=self._progress(job), cancelled=lambda: job.id in self.cancels or self.stopping.is_set()

@@ -1,0 +1,49 @@
+"""Named models: what Diffusers for Mac offers, as Core ML repos and as diffusers-format repos.
+
+An alias is a short name for a Hub repo; `diffuse models` lists them beside the local models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    alias: str
+    repo: str
+    runtime: str  # "torch" (diffusers format) or "coreml" (Apple's layouts)
+    variant: str
+    description: str
+
+
+CATALOG: tuple[Entry, ...] = (
+    Entry("sd14", "CompVis/stable-diffusion-v1-4", "torch", "float", "Stable Diffusion 1.4"),
+    Entry("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "torch", "float", "Stable Diffusion 1.5"),
+    Entry("sd2-base", "stabilityai/stable-diffusion-2-base", "torch", "float", "Stable Diffusion 2 base (512)"),
+    Entry("sd21-base", "stabilityai/stable-diffusion-2-1-base", "torch", "float", "Stable Diffusion 2.1 base (512)"),
+    Entry("sd14-coreml", "pcuenq/coreml-stable-diffusion-1-4", "coreml", "float16", "Stable Diffusion 1.4, Core ML"),
+    Entry("sd14-coreml-6bit", "apple/coreml-stable-diffusion-1-4-palettized", "coreml", "6-bit palettized",
+          "Stable Diffusion 1.4, Core ML"),
+    Entry("sd15-coreml", "pcuenq/coreml-stable-diffusion-v1-5", "coreml", "float16", "Stable Diffusion 1.5, Core ML"),
+    Entry("sd15-coreml-6bit", "apple/coreml-stable-diffusion-v1-5-palettized", "coreml", "6-bit palettized",
+          "Stable Diffusion 1.5, Core ML"),
+    Entry("sd2-base-coreml", "pcuenq/coreml-stable-diffusion-2-base", "coreml", "float16", "Stable Diffusion 2 base, Core ML"),
+    Entry("sd2-base-coreml-6bit", "apple/coreml-stable-diffusion-2-base-palettized", "coreml", "6-bit palettized",
+          "Stable Diffusion 2 base, Core ML"),
+    Entry("sd21-base-coreml", "pcuenq/coreml-stable-diffusion-2-1-base", "coreml", "float16",
+          "Stable Diffusion 2.1 base, Core ML"),
+    Entry("sd21-base-coreml-6bit", "apple/coreml-stable-diffusion-2-1-base-palettized", "coreml", "6-bit palettized",
+          "Stable Diffusion 2.1 base, Core ML"),
+)
+
+
+def lookup(name: str) -> Entry | None:
+    """The entry an alias or a catalogued repo id names."""
+    return next((entry for entry in CATALOG if name in (entry.alias, entry.repo)), None)
+
+
+def repo_for(name: str) -> str:
+    """The Hub repo an alias stands for; any other name as it is."""
+    entry = lookup(name)
+    return entry.repo if entry else name

@@ -1,0 +1,72 @@
+"""Model pulls asked for on their own (`pull`), one at a time, beside the worker.
+
+A job for a model that is not downloaded pulls it in the worker, as the job's first phase; this
+thread serves `diffuse models pull`, so a download need not wait for the queue, nor hold it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from diffusiond.clients.protocol import pack
+
+from . import store
+from .errors import Cancelled, EngineError
+from .worker import WORKER_EVENTS
+
+log = logging.getLogger("diffusiond.downloader")
+
+
+class Downloader(threading.Thread):
+    def __init__(self, context: zmq.Context, gpu: bool) -> None:
+        super().__init__(name="downloader", daemon=True)
+        self.context = context
+        self.gpu = gpu
+        self.requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self.cancelled: set[str] = set()
+        self.active: str | None = None
+
+    def pull(self, name: str, compute_units: str) -> None:
+        self.cancelled.discard(name)
+        self.requests.put((name, compute_units))
+
+    def cancel(self, name: str) -> None:
+        self.cancelled.add(name)
+
+    def stop(self) -> None:
+        self.requests.put(None)
+
+    def _emit(self, name: str, body: dict[str, Any]) -> None:
+        self.events.send_multipart([f"model.{name}".encode(), pack({"ts": time.time(), "model": name, **body})])
+
+    def run(self) -> None:
+        self.events = self.context.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.LINGER, 1000)
+        self.events.connect(WORKER_EVENTS)
+        try:
+            while (item := self.requests.get()) is not None:
+                name, compute_units = item
+                self.active = name
+                self._emit(name, {"type": "model.downloading"})
+                try:
+                    path = store.pull(
+                        name, self.gpu, lambda progress: self._emit(name, {"type": "model.download", **progress}),
+                        lambda: name in self.cancelled, compute_units,
+                    )
+                except (Cancelled, EngineError) as exc:
+                    self._emit(name, {"type": "model.download_failed", "code": exc.code, "message": str(exc)})
+                except Exception as exc:
+                    log.exception("pull of %s failed", name)
+                    self._emit(name, {"type": "model.download_failed", "code": "internal_error", "message": str(exc)})
+                else:
+                    self._emit(name, {"type": "model.downloaded", "path": str(path)})
+                finally:
+                    self.active = None
+        finally:
+            self.events.close()

@@ -1,0 +1,223 @@
+"""Models by name: the shipped alias, a local folder, or a Hub repo (`org/name[@revision]`).
+
+Hub models live in the standard Hugging Face cache through huggingface_hub itself, so a model
+that diffusers already downloaded is found, not fetched again; HF_HOME, HF_HUB_OFFLINE and
+HF_TOKEN mean what they always mean. Only the files the torch runtime needs are fetched: the
+configs and tokenizer, and one weight file per network — safetensors over .bin, the fp16 variant
+on a GPU when the repo has one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import coreml_layout
+from .errors import Cancelled, EngineError, ModelNotFound
+from .model import ALIASES
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+_SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json")
+_WEIGHTS = {
+    "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+    "text_encoder": "model", "safety_checker": "model",
+}
+PROGRESS_INTERVAL = 0.25  # seconds between download progress reports
+
+
+class InsufficientDisk(EngineError):
+    code = "insufficient_disk"
+
+
+class DownloadFailed(EngineError):
+    code = "download_failed"
+
+
+def is_hub_id(name: str) -> bool:
+    return name not in ALIASES and not Path(name).expanduser().exists() and bool(HUB_ID.match(name))
+
+
+def split(name: str) -> tuple[str, str | None]:
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def runtime_files(files: list[str], gpu: bool) -> list[str]:
+    """The files of a diffusers repo that the torch runtime loads."""
+    from fnmatch import fnmatch
+
+    chosen = [f for f in files if any(fnmatch(f, pattern) for pattern in _SMALL)]
+    for component, stem in _WEIGHTS.items():
+        preference = [f"{component}/{stem}.safetensors", f"{component}/{stem}.bin"]
+        if gpu:
+            preference = [f"{component}/{stem}.fp16.safetensors", *preference[:1], f"{component}/{stem}.fp16.bin", *preference[1:]]
+        found = next((f for f in preference if f in files), None)
+        if found:
+            chosen.append(found)
+    return sorted(set(chosen))
+
+
+class _Meter:
+    """Bytes of one pull across its files, reported at most every PROGRESS_INTERVAL."""
+
+    def __init__(self, name: str, total: int, report: Callable[[dict[str, Any]], None], cancelled: Callable[[], bool]):
+        self.name, self.total, self.report, self.cancelled = name, total, report, cancelled
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.file = ""
+
+    def add(self, n: int) -> None:
+        if self.cancelled():
+            raise Cancelled(f"download of {self.name} cancelled; files that arrived whole are kept")
+        self.done = min(self.done + n, self.total)  # a retried chunk is not counted twice
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_INTERVAL or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-6)
+            self.report({"model": self.name, "file": self.file, "bytes": self.done, "total": self.total, "rate": rate})
+
+    def tqdm_class(self) -> type:
+        """What huggingface_hub draws its bars with, turned into our reports."""
+        from tqdm.auto import tqdm
+
+        meter = self
+
+        class Reporter(tqdm):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                meter.done += int(kwargs.get("initial") or 0)  # bytes an earlier try of this call kept
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                meter.add(int(n or 0))
+                return None
+
+        return Reporter
+
+
+def local_path(name: str) -> Path | None:
+    """A Hub model's snapshot folder when every file it needs is cached; None otherwise."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, revision = split(name)
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+    needed = [component for component in _WEIGHTS if (folder / component / "config.json").exists()]
+    complete = (folder / "model_index.json").exists() and all(
+        any((folder / component).glob(f"{_WEIGHTS[component]}*")) for component in needed
+    )
+    return folder if complete else None
+
+
+def pull(
+    name: str,
+    gpu: bool,
+    report: Callable[[dict[str, Any]], None],
+    cancelled: Callable[[], bool] = lambda: False,
+    compute_units: str = "cpuAndGPU",
+) -> Path:
+    """Download what a runtime needs of a Hub model (files already cached are not fetched again):
+    for a diffusers-format repo the torch runtime's files; for a Core ML repo the variant the
+    compute units need, its archives unpacked. The folder to load from."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, revision = split(name)
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFound(f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; pull it while online")
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        coreml = coreml_layout.is_coreml_repo(list(sizes))
+        if coreml:
+            _variant, files = coreml_layout.coreml_files(list(sizes), compute_units)
+        else:
+            files = runtime_files(list(sizes), gpu)
+            if "model_index.json" not in files:
+                raise ModelNotFound(f"{name} is neither a diffusers-format model (no model_index.json) nor a Core ML repo")
+        cache = Path(constants.HF_HUB_CACHE)
+        cached = {f for f in files if _cached(repo, f, info.sha)}
+        missing = sum(sizes[f] for f in files if f not in cached)
+        free = shutil.disk_usage(_existing_parent(cache)).free
+        if missing > free:
+            raise InsufficientDisk(f"{name} needs {missing / 1e9:.1f} GB more and {free / 1e9:.1f} GB are free in {cache}")
+        meter = _Meter(name, sum(sizes[f] for f in files), report, cancelled)
+        meter.done = sum(sizes[f] for f in cached)
+        for file in files:
+            if file not in cached:
+                meter.file = file
+                # By the revision's name, not its sha, so the cache records the name (refs/) and an
+                # offline start finds the model under it.
+                hf_hub_download(repo, file, revision=revision, tqdm_class=meter.tqdm_class())
+        meter.report({"model": name, "file": "", "bytes": meter.total, "total": meter.total, "rate": 0.0})
+        snapshot = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=files))
+        if not coreml:
+            return snapshot
+        unpacked = Path(constants.HF_HOME) / "diffusiond" / "coreml" / repo.replace("/", "--") / info.sha
+        for archive in (f for f in files if f.endswith(".zip")):
+            target = unpacked / Path(archive).stem
+            if not target.exists():
+                coreml_layout.unpack(snapshot / archive, target.with_name(target.name + ".partial"))
+                target.with_name(target.name + ".partial").rename(target)
+        return coreml_layout.model_dir(unpacked if unpacked.exists() else snapshot)
+    except (coreml_layout.UnsafeArchive, zipfile.BadZipFile) as exc:
+        raise DownloadFailed(f"{name}: refused to unpack: {exc}") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"no model {repo!r} on the Hub (or it is private: set HF_TOKEN)") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise DownloadFailed(f"downloading {name} failed: {exc}; run it again: files that arrived whole are kept") from None
+
+
+def _cached(repo: str, file: str, revision: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, file, revision=revision), str)
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def remove(name: str) -> int:
+    """Delete a Hub model from the cache; the bytes freed."""
+    from huggingface_hub import scan_cache_dir
+
+    repo, _ = split(name)
+    cache = scan_cache_dir()
+    revisions = [rev.commit_hash for entry in cache.repos if entry.repo_id == repo for rev in entry.revisions]
+    if not revisions:
+        raise ModelNotFound(f"{name} is not in the Hugging Face cache")
+    strategy = cache.delete_revisions(*revisions)
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+def cached_models() -> list[dict[str, Any]]:
+    """Hub models in the Hugging Face cache that a runtime can load, with their size and folder."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except OSError:
+        return []
+    found = []
+    for repo in cache.repos:
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            files = [f.file_name for f in revision.files] + [str(f.file_path.relative_to(revision.snapshot_path)) for f in revision.files]
+            kind = "torch" if "model_index.json" in files else "coreml" if coreml_layout.is_coreml_repo(files) else None
+            if kind:
+                found.append({"name": repo.repo_id, "runtime": kind, "size": revision.size_on_disk,
+                              "path": str(revision.snapshot_path), "revision": revision.commit_hash})
+    return found

@@ -1,0 +1,180 @@
+"""Model pulls, Apple's Core ML layouts and the catalog, with the real daemon, the real
+huggingface_hub client and a fake Hub on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from diffusiond.daemon import coreml_layout
+from diffusiond.daemon.errors import ModelInvalid
+from diffusiond.daemon.model import TINY, ModelFolder
+
+from .fake_hub import FakeHub
+
+TORCH_REPO = "test/tiny-sd"
+
+
+def coreml_models(folder: Path, packages: bool = False) -> None:
+    """Stand-ins for Apple's model folders: the layout is what is under test, not the weights."""
+    names = (["Stable_Diffusion_text_encoder.mlpackage", "Stable_Diffusion_unet.mlpackage"] if packages
+             else ["TextEncoder.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc"])
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "weights.bin").write_bytes(name.encode() * 100)
+
+
+def zip_folder(source: Path, archive: Path, prefix: str) -> None:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"{prefix}/{path.relative_to(source)}")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("repos")
+    folders = root / "folders"  # apple/coreml-…: original/ and split_einsum/ folders
+    for variant in ("original", "split_einsum"):
+        coreml_models(folders / variant / "compiled")
+        coreml_models(folders / variant / "packages", packages=True)
+    for name in ("vocab.json", "merges.txt"):
+        (folders / name).write_text("{}")
+    zips = root / "zips"  # pcuenq/…: one archive per variant
+    zips.mkdir()
+    for variant in ("original", "split_einsum", "split_einsum_v2"):
+        staging = root / f"staging-{variant}"
+        coreml_models(staging)
+        zip_folder(staging, zips / f"coreml-x_{variant}_compiled.zip", f"coreml-x_{variant}_compiled")
+    nested = root / "nested"  # palettized: compiled/ and packages/ inside one archive
+    nested.mkdir()
+    staging = root / "staging-nested"
+    coreml_models(staging / "compiled")
+    coreml_models(staging / "packages", packages=True)
+    zip_folder(staging, nested / "coreml-p_original_compiled.zip", "coreml-p_original_compiled")
+    escape = root / "escape"
+    escape.mkdir()
+    with zipfile.ZipFile(escape / "bad_original_compiled.zip", "w") as zf:
+        zf.writestr("bad_original_compiled/TextEncoder.mlmodelc/x", "x")
+        zf.writestr("../../escaped.txt", "gotcha")
+    link = root / "link"
+    link.mkdir()
+    with zipfile.ZipFile(link / "bad_original_compiled.zip", "w") as zf:
+        info = zipfile.ZipInfo("bad_original_compiled/Unet.mlmodelc")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc")
+    large = root / "large"  # a unet weight file larger than huggingface_hub's 10 MiB chunk
+    shutil.copytree(TINY, large)
+    (large / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom((12 << 20) + 123))
+    return {TORCH_REPO: TINY, "test/large": large, "apple/folders": folders, "pcuenq/zips": zips, "apple/nested": nested,
+            "evil/escape": escape, "evil/link": link}
+
+
+@pytest.fixture
+def hub(repos):
+    with FakeHub(repos) as running:
+        yield running
+
+
+@pytest.fixture
+def daemon_on_hub(fresh, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return fresh.start()
+
+
+def pull(daemon, name: str, compute_units: str = "auto") -> list[dict]:
+    """The pull's model events up to its end."""
+    events = daemon.subscribe(b"model.")
+    topic = daemon.call("pull", model=name, compute_units=compute_units)["topic"]
+    seen = []
+    while not seen or seen[-1]["type"] not in ("model.downloaded", "model.download_failed"):
+        got, event = daemon.next_event(events, 120)
+        if got.decode() == topic:
+            seen.append(event)
+    return seen
+
+
+def fetched(hub: FakeHub) -> set[str]:
+    return {r.path.split("/resolve/main/", 1)[1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
+
+
+@pytest.mark.parametrize(
+    ("repo", "units", "variant_path", "not_fetched"),
+    [
+        ("apple/folders", "cpuAndGPU", "original/compiled", "split_einsum/"),
+        ("apple/folders", "cpuAndNeuralEngine", "split_einsum/compiled", "original/"),
+        ("pcuenq/zips", "cpuAndNeuralEngine", "coreml-x_split_einsum_v2_compiled", "_original_"),
+        ("pcuenq/zips", "cpuAndGPU", "coreml-x_original_compiled", "split_einsum"),
+        ("apple/nested", "cpuAndGPU", "coreml-p_original_compiled/compiled", "packages/"),
+    ],
+)
+def test_core_ml_repos_resolve_to_the_variant_the_compute_units_need(daemon_on_hub, hub, repo, units, variant_path, not_fetched) -> None:
+    events = pull(daemon_on_hub, repo, units)
+    assert events[-1]["type"] == "model.downloaded", events[-1]
+    path = Path(events[-1]["path"])
+    assert path.as_posix().endswith(variant_path)
+    assert (path / "TextEncoder.mlmodelc").is_dir() and (path / "Unet.mlmodelc").is_dir()
+    assert not any(not_fetched in name for name in fetched(hub)), fetched(hub)
+
+
+@pytest.mark.parametrize("repo", ["evil/escape", "evil/link"])
+def test_unsafe_archives_are_refused(daemon_on_hub, tmp_path, repo) -> None:
+    events = pull(daemon_on_hub, repo, "cpuAndGPU")
+    assert events[-1]["type"] == "model.download_failed"
+    assert events[-1]["code"] == "download_failed" and "refused to unpack" in events[-1]["message"]
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert daemon_on_hub.call("ping")["ready"]
+
+
+def test_pull_list_and_remove_from_the_cli(daemon_on_hub, hub) -> None:
+    def diffuse(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir",
+                               str(daemon_on_hub.runtime_dir), *args], capture_output=True, text=True, timeout=120)
+
+    pulled = diffuse("models", "pull", TORCH_REPO)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (Path(pulled.stdout.strip()) / "model_index.json").exists()
+    listing = {m["name"]: m for m in json.loads(diffuse("--json", "models").stdout)["models"]}
+    assert listing[TORCH_REPO]["downloaded"] and listing[TORCH_REPO]["runtime"] == "torch"
+    assert listing[TORCH_REPO]["size"] > 0
+    assert listing["tiny"]["loaded"] and listing["sd15"]["repo"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert listing["sd15-coreml-6bit"]["runtime"] == "coreml" and not listing["sd15"]["downloaded"]
+    removed = diffuse("models", "remove", TORCH_REPO)
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert TORCH_REPO not in {m["name"] for m in json.loads(diffuse("--json", "models").stdout)["models"]}
+
+
+def test_a_broken_connection_resumes_from_the_last_whole_chunk(daemon_on_hub, hub, repos, tmp_path) -> None:
+    """huggingface_hub keeps what arrived in whole 10 MiB chunks and asks for the rest with a Range
+    request; so a weight file larger than a chunk, cut off past its first chunk, still arrives whole."""
+    big = "unet/diffusion_pytorch_model.safetensors"
+    large = repos["test/large"]
+    hub.interrupt("test/large", big, after=(10 << 20) + 1000)
+    events = pull(daemon_on_hub, "test/large")
+    assert events[-1]["type"] == "model.downloaded", events[-1]
+    ranges = [r.range for r in hub.requests if r.path.endswith(big) and r.method == "GET"]
+    assert ranges == [None, f"bytes={10 << 20}-"]
+    assert (Path(events[-1]["path"]) / big).read_bytes() == (large / big).read_bytes()
+    progress = [e["bytes"] for e in events if e["type"] == "model.download"]
+    assert progress == sorted(progress) and progress[-1] == events[-2]["total"]
+
+
+def test_compute_units_auto_follows_the_diffusers_for_mac_rule() -> None:
+    assert coreml_layout.auto_compute_units(has_neural_engine=False, performance_cores=4) == "cpuAndGPU"
+    assert coreml_layout.auto_compute_units(has_neural_engine=True, performance_cores=8) == "cpuAndGPU"
+    assert coreml_layout.auto_compute_units(has_neural_engine=True, performance_cores=4) == "cpuAndNeuralEngine"
+
+
+def test_a_core_ml_catalog_model_is_not_for_the_torch_runtime() -> None:
+    with pytest.raises(ModelInvalid, match="coreml runtime"):
+        ModelFolder.open("sd15-coreml")
