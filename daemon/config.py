@@ -46,6 +46,8 @@ class Config:
     state_dir: Path = field(default_factory=_default_state_dir)  # the SQLite queue
     runtime_dir: Path = field(default_factory=default_runtime_dir)  # the ipc sockets
     max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
+    max_loaded: int = 1  # models kept warm at once; loading another unloads the least recently used
+    idle_unload: float = 0.0  # seconds unused before a model is unloaded; 0: never
     limits: Limits = field(default_factory=Limits)
 
     @property

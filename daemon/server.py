@@ -254,7 +254,7 @@ class Server:
             self.outbox.append((DAEMON_TOPIC, {"type": "daemon.ping", "token": message.get("id")}))
         return {
             "version": DAEMON_VERSION, "protocol": VERSION, "ready": self.worker.ready.is_set(),
-            "models": {"loaded": [self.worker.loaded] if self.worker.loaded else [], "loading": self.worker.loading},
+            "models": {"loaded": self.worker.loaded, "loading": self.worker.loading},
             "queue": self.queue.counts(), "paused": self.queue.paused(), "pid": os.getpid(),
         }
 
@@ -359,17 +359,17 @@ class Server:
         loaded = self.worker.loaded
         cached = {m["name"]: m for m in store.cached_models()}
         models = [{"name": alias, "source": "shipped", "runtime": "torch", "path": str(path),
-                   "size": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), "loaded": alias == loaded}
+                   "size": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), "loaded": alias in loaded}
                   for alias, path in ALIASES.items()]
         for entry in catalog.CATALOG:
             local = cached.pop(entry.repo, None)
             models.append({"name": entry.alias, "repo": entry.repo, "source": "catalog", "runtime": entry.runtime,
                            "variant": entry.variant, "description": entry.description, "downloaded": local is not None,
                            "size": local["size"] if local else None, "path": local["path"] if local else None,
-                           "loaded": loaded in (entry.alias, entry.repo)})
+                           "loaded": entry.alias in loaded or entry.repo in loaded})
         for name, local in cached.items():
-            models.append({**local, "source": "hub", "downloaded": True, "loaded": loaded == name})
-        return {"models": models, "loaded": [loaded] if loaded else []}
+            models.append({**local, "source": "hub", "downloaded": True, "loaded": name in loaded})
+        return {"models": models, "loaded": loaded}
 
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
         name = catalog.repo_for(_field(message, "model", str, ""))
@@ -383,7 +383,7 @@ class Server:
 
     def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:
         name = catalog.repo_for(_field(message, "model", str, ""))
-        if name == self.worker.loaded:
+        if name in self.worker.loaded:
             raise ProtocolError(Code.INVALID_STATE, f"{name} is loaded; load another model first")
         self.models.pop(name, None)
         return {"removed": name, "freed": store.remove(name)}

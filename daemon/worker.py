@@ -10,6 +10,7 @@ import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,13 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self.cancels: set[str] = set()  # ids of running jobs asked to stop; only ever their own
         self.preview_prefixes: frozenset[bytes] = frozenset()
-        self.loaded: str | None = None
         self.loading: str | None = None
-        self.pipeline: Pipeline | None = None
+        self.pipelines: OrderedDict[str, Pipeline] = OrderedDict()  # least recently used first
+        self.last_used: dict[str, float] = {}
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.pipelines)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -66,12 +71,13 @@ class Worker(threading.Thread):
         try:
             self._load(self.config.model)
             self.ready.set()
-            notify(f"READY=1\nSTATUS=ready, {self.loaded} loaded")
-            self._emit(b"daemon", {"type": "daemon.ready", "model": self.loaded})
+            notify(f"READY=1\nSTATUS=ready, {self.config.model} loaded")
+            self._emit(b"daemon", {"type": "daemon.ready", "model": self.config.model})
             while not self.stopping.is_set():
                 self.wake.clear()
                 job = None if queue.paused() else queue.claim_next()
                 if job is None:
+                    self._unload_idle()
                     self.wake.wait(1.0)
                     continue
                 self._run(queue, job)
@@ -99,27 +105,48 @@ class Worker(threading.Thread):
             )
             model = ModelFolder.open(name)
             self._emit(topic, {"type": "model.downloaded", "model": name, "path": str(model.path)})
+        while len(self.pipelines) >= self.config.max_loaded:  # room first: two big models may not fit
+            self._unload(next(iter(self.pipelines)), "least recently used")
         self._emit(topic, {"type": "model.loading", "model": name})
         started = time.monotonic()
         runtime = TorchRuntime(model.path, self.config.device, with_safety_checker=model.has_safety_checker)
-        previous, self.pipeline = self.loaded, Pipeline(model, runtime, self.config.limits)
-        self.loaded, self.loading = name, None
-        if previous is not None:
-            self._emit(f"model.{previous}".encode(), {"type": "model.unloaded", "model": previous})
+        self.pipelines[name] = Pipeline(model, runtime, self.config.limits)
+        self.last_used[name] = time.monotonic()
+        self.loading = None
         seconds = time.monotonic() - started
         log.info("model %s loaded in %.1fs", name, seconds)
         self._emit(topic, {"type": "model.loaded", "model": name, "seconds": seconds})
+
+    def _unload(self, name: str, reason: str) -> None:
+        del self.pipelines[name], self.last_used[name]
+        log.info("model %s unloaded (%s)", name, reason)
+        self._emit(f"model.{name}".encode(), {"type": "model.unloaded", "model": name, "reason": reason})
+
+    def _unload_idle(self) -> None:
+        if self.config.idle_unload > 0:
+            now = time.monotonic()
+            for name in [n for n, used in self.last_used.items() if now - used >= self.config.idle_unload]:
+                self._unload(name, f"idle for {self.config.idle_unload:g}s")
+
+    def _pipeline(self, name: str, cancelled: Callable[[], bool]) -> Pipeline:
+        """The model's warm pipeline, loaded (and downloaded) first when it is not."""
+        if name not in self.pipelines:
+            self._load(name, cancelled)
+        self.pipelines.move_to_end(name)
+        self.last_used[name] = time.monotonic()
+        return self.pipelines[name]
 
     def _run(self, queue: JobQueue, job: Job) -> None:
         topic = f"job.{job.id}".encode()
         self._emit(topic, {"type": "job.started", "job": job.id, "attempt": job.attempts})
         try:
-            if job.model != self.loaded:
-                self._load(job.model, cancelled=lambda: job.id in self.cancels or self.stopping.is_set())
+            def cancelled() -> bool:
+                return job.id in self.cancels or self.stopping.is_set()
+
+            pipeline = self._pipeline(job.model, cancelled)
             request = self._request(queue, job)
-            result = self.pipeline.generate(
-                request, on_step=self._progress(job), cancelled=lambda: job.id in self.cancels or self.stopping.is_set()
-            )
+            result = pipeline.generate(request, on_step=self._progress(job), cancelled=cancelled)
+            self.last_used[job.model] = time.monotonic()
             outputs = self._write(job, request, result)
         except Cancelled:
             if job.id in self.cancels:

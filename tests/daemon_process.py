@@ -20,6 +20,7 @@ from diffusiond.clients.protocol import endpoints
 class Daemon:
     def __init__(self, home: Path, **settings: Any) -> None:
         self.home = home
+        home.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = home / "run"
         self.output_dir = home / "out"
         self.config = home / "config.toml"

@@ -178,3 +178,36 @@ def test_compute_units_auto_follows_the_diffusers_for_mac_rule() -> None:
 def test_a_core_ml_catalog_model_is_not_for_the_torch_runtime() -> None:
     with pytest.raises(ModelInvalid, match="coreml runtime"):
         ModelFolder.open("sd15-coreml")
+
+
+def test_a_gated_repo_needs_hf_token(fresh, repos, tmp_path, monkeypatch) -> None:
+    with FakeHub({"gated/tiny": TINY}, gated={"gated/tiny": "hf_secret"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        fresh.start()
+        refused = pull(fresh, "gated/tiny")[-1]
+        assert refused["type"] == "model.download_failed" and "HF_TOKEN" in refused["message"]
+        assert fresh.stop() == 0
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        fresh.start()
+        assert pull(fresh, "gated/tiny")[-1]["type"] == "model.downloaded"
+
+
+def test_a_model_that_does_not_fit_is_refused_before_downloading(hub, tmp_path, monkeypatch) -> None:
+    """In-process, so the disk can be made small: huggingface_hub reads its endpoint at import,
+    so the constants it reads are pointed at the fake Hub here."""
+    from huggingface_hub import constants
+
+    from diffusiond.daemon import store
+    from diffusiond.daemon.store import InsufficientDisk
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(InsufficientDisk, match=r"needs 0\.0 GB more and 0\.0 GB are free"):
+        store.pull(TORCH_REPO, gpu=False, report=lambda progress: None)
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
