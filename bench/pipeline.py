@@ -37,6 +37,18 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def side_by_side(first, second, repeats: int) -> tuple[float, float]:
+    """Medians of two runs taken in turns, so a change in the machine's load hits both alike."""
+    first(), second()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, spent in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> None:
     ours = Pipeline(model, TorchRuntime(model.path, "cpu"))
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(model.path, safety_checker=None)
@@ -45,8 +57,8 @@ def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> 
     theirs.scheduler = cls.from_config(theirs.scheduler.config, **schedulers.overrides(scheduler))
     size = model.default_size
     request = Request(PROMPT, steps=steps, width=size, height=size, seed=1, scheduler=scheduler)
-    t_ours = median_seconds(lambda: ours.generate(request), repeats)
-    t_theirs = median_seconds(
+    t_ours, t_theirs = side_by_side(
+        lambda: ours.generate(request),
         lambda: theirs(PROMPT, num_inference_steps=steps, height=size, width=size,
                        generator=torch.Generator().manual_seed(1), output_type="np"),
         repeats,
@@ -118,7 +130,7 @@ def overhead(model: ModelFolder, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     args = parser.parse_args()

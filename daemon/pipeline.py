@@ -172,10 +172,11 @@ class Pipeline:
 
         prompt = self.tokenizer.encode(r.prompt)
         guided = r.guidance_scale > 1
-        embeds = np.repeat(self.runtime.encode_text(prompt.ids[None]), r.count, axis=0)
-        if guided:
-            negative = self.runtime.encode_text(self.tokenizer.encode(r.negative_prompt).ids[None])
-            embeds = np.concatenate([np.repeat(negative, r.count, axis=0), embeds])
+        if guided:  # the negative and the prompt in one text-encoder call: [uncond, cond]
+            both = self.runtime.encode_text(np.stack([self.tokenizer.encode(r.negative_prompt).ids, prompt.ids]))
+            embeds = np.repeat(both, r.count, axis=0)
+        else:
+            embeds = np.repeat(self.runtime.encode_text(prompt.ids[None]), r.count, axis=0)
 
         factor = self.model.vae_scale_factor
         shape = (r.count, self.model.latent_channels, r.height // factor, r.width // factor)
