@@ -73,3 +73,19 @@ def _cumprod32(values: np.ndarray) -> np.ndarray:
 
 def alphas_cumprod_from_config(config: dict[str, Any]) -> np.ndarray:
     return _cumprod32(1.0 - betas_from_config(config))
+
+
+def noised(alphas_cumprod: np.ndarray, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+    """The forward process at a timestep: x_t = √ᾱ·x₀ + √(1−ᾱ)·ε (DDPM, Ho et al. 2020, eq. 4)."""
+    alpha = alphas_cumprod[int(timestep)]
+    return (np.sqrt(alpha) * original + np.sqrt(np.float32(1) - alpha) * noise).astype(np.float32, copy=False)
+
+
+def predicted_original(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: np.float32) -> np.ndarray:
+    """x₀ from what the model predicts: the noise ε, x₀ itself, or v = √ᾱ·ε − √(1−ᾱ)·x₀."""
+    beta = np.float32(1) - alpha
+    if prediction_type == "epsilon":
+        return (sample - np.sqrt(beta) * model_output) / np.sqrt(alpha)
+    if prediction_type == "sample":
+        return model_output
+    return np.sqrt(alpha) * sample - np.sqrt(beta) * model_output

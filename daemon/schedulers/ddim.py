@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config
+from .betas import alphas_cumprod_from_config, noised, predicted_original
 
 
 class DDIM:
@@ -77,14 +77,12 @@ class DDIM:
         alpha_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         beta_t = np.float32(1) - alpha_t
         prediction = self.config["prediction_type"]
+        x0 = predicted_original(prediction, model_output, sample, alpha_t)
         if prediction == "epsilon":
-            x0 = (sample - np.sqrt(beta_t) * model_output) / np.sqrt(alpha_t)
             eps = model_output
         elif prediction == "sample":
-            x0 = model_output
             eps = (sample - np.sqrt(alpha_t) * x0) / np.sqrt(beta_t)
         else:
-            x0 = np.sqrt(alpha_t) * sample - np.sqrt(beta_t) * model_output
             eps = np.sqrt(alpha_t) * model_output + np.sqrt(beta_t) * sample
         if self.config["clip_sample"]:
             limit = np.float32(self.config["clip_sample_range"])
@@ -92,9 +90,5 @@ class DDIM:
         prev = np.sqrt(alpha_prev) * x0 + np.sqrt(np.float32(1) - alpha_prev) * eps
         return prev.astype(np.float32, copy=False)
 
-    def add_noise(
-        self, original_samples: np.ndarray, noise: np.ndarray, timestep: float
-    ) -> np.ndarray:
-        alpha = self.alphas_cumprod[int(timestep)]
-        noisy = np.sqrt(alpha) * original_samples + np.sqrt(np.float32(1) - alpha) * noise
-        return noisy.astype(np.float32, copy=False)
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        return noised(self.alphas_cumprod, original_samples, noise, timestep)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config
+from .betas import alphas_cumprod_from_config, noised, predicted_original
 
 _SIGMA_DATA = np.float32(0.5)
 
@@ -74,14 +74,7 @@ class LCM:
         index = int(found[0])
         last = index == len(self.timesteps) - 1
         alpha_t = self.alphas_cumprod[t]
-        beta_t = np.float32(1) - alpha_t
-        prediction = self.config["prediction_type"]
-        if prediction == "epsilon":
-            x0 = (sample - np.sqrt(beta_t) * model_output) / np.sqrt(alpha_t)
-        elif prediction == "sample":
-            x0 = model_output
-        else:
-            x0 = np.sqrt(alpha_t) * sample - np.sqrt(beta_t) * model_output
+        x0 = predicted_original(self.config["prediction_type"], model_output, sample, alpha_t)
         if self.config["clip_sample"]:
             limit = np.float32(self.config["clip_sample_range"])
             x0 = np.clip(x0, -limit, limit)
@@ -99,9 +92,5 @@ class LCM:
         prev = np.sqrt(alpha_prev) * denoised + np.sqrt(np.float32(1) - alpha_prev) * fresh
         return prev.astype(np.float32, copy=False)
 
-    def add_noise(
-        self, original_samples: np.ndarray, noise: np.ndarray, timestep: float
-    ) -> np.ndarray:
-        alpha = self.alphas_cumprod[int(timestep)]
-        noisy = np.sqrt(alpha) * original_samples + np.sqrt(np.float32(1) - alpha) * noise
-        return noisy.astype(np.float32, copy=False)
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        return noised(self.alphas_cumprod, original_samples, noise, timestep)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config
+from .betas import alphas_cumprod_from_config, noised
 
 
 class PNDM:
@@ -146,9 +146,5 @@ class PNDM:
         coefficient = np.sqrt(alpha_prev / alpha_t)
         return coefficient * sample - (alpha_prev - alpha_t) * model_output / denominator
 
-    def add_noise(
-        self, original_samples: np.ndarray, noise: np.ndarray, timestep: float
-    ) -> np.ndarray:
-        alpha = self.alphas_cumprod[int(timestep)]
-        noisy = np.sqrt(alpha) * original_samples + np.sqrt(np.float32(1) - alpha) * noise
-        return noisy.astype(np.float32, copy=False)
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        return noised(self.alphas_cumprod, original_samples, noise, timestep)
