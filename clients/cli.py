@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 failed, 2 bad arguments, 3 cancelled, 4 no daemon, 5 timed out.",
     )
     parser.add_argument("--runtime-dir", type=Path, help="the daemon's socket folder (default: as the daemon's)")
+    parser.add_argument("--connect", default=os.environ.get("DIFFUSIOND_CONNECT"), metavar="tcp://HOST:PORT",
+                        help="a daemon on another machine (CurveZMQ; env DIFFUSIOND_CONNECT)")
+    parser.add_argument("--server-key", type=Path, default=os.environ.get("DIFFUSIOND_SERVER_KEY"),
+                        help="with --connect: the daemon's public key file (env DIFFUSIOND_SERVER_KEY)")
+    parser.add_argument("--client-key", type=Path, default=os.environ.get("DIFFUSIOND_CLIENT_KEY"),
+                        help="with --connect: this client's secret key file (env DIFFUSIOND_CLIENT_KEY)")
     parser.add_argument("--json", action="store_true", help="machine-readable output: JSON, one object a line")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -363,12 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     # `diffuse "a prompt" …` means `diffuse submit "a prompt" …`: the common case needs no command
     # word (a prompt that is itself a command word needs `diffuse submit`).
     at = 0
-    while at < len(argv) and argv[at] in ("--json", "--runtime-dir"):
-        at += 2 if argv[at] == "--runtime-dir" else 1
+    while at < len(argv) and argv[at] in ("--json", "--runtime-dir", "--connect", "--server-key", "--client-key"):
+        at += 1 if argv[at] == "--json" else 2
     if at < len(argv) and argv[at] not in (*COMMANDS, "-h", "--help"):
         argv.insert(at, "submit")
     args = _parser().parse_args(argv)
-    client = Client(args.runtime_dir)
+    try:
+        client = Client(args.runtime_dir, connect=args.connect, server_key=args.server_key, client_key=args.client_key)
+    except (ClientError, OSError, ValueError) as exc:
+        print(f"diffuse: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _run(client, args)
     except DaemonUnreachable as exc:

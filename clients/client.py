@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from .protocol import DAEMON_TOPIC, FINISHED, VERSION, default_runtime_dir, endpoints, pack, unpack
 
@@ -59,14 +60,49 @@ class JobCancelled(ClientError):
 _TERMINAL_EVENTS = {"job.done", "job.failed", "job.cancelled"}
 
 
+def _public_key(path: Path) -> bytes:
+    return zmq.auth.load_certificate(str(path))[0]
+
+
+def _key_pair(path: Path) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(str(path))
+    if secret is None:
+        raise ClientError(f"{path} holds no secret key: give the client its .key_secret file")
+    return public, secret
+
+
 class Client:
-    def __init__(self, runtime_dir: Path | None = None, timeout: float = 10.0) -> None:
-        self.runtime_dir = Path(runtime_dir) if runtime_dir else default_runtime_dir()
-        self.request_endpoint, self.event_endpoint = endpoints(self.runtime_dir)
+    def __init__(
+        self,
+        runtime_dir: Path | None = None,
+        timeout: float = 10.0,
+        connect: str | None = None,
+        server_key: Path | None = None,
+        client_key: Path | None = None,
+    ) -> None:
+        """The local daemon through its runtime folder; or, with ``connect`` ("tcp://HOST:PORT"), a
+        daemon on another machine, with its public key and this client's secret key (CurveZMQ)."""
         self.timeout = timeout
         self.context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._ids = itertools.count(1)
+        self._curve: tuple[bytes, bytes, bytes] | None = None
+        if connect:
+            if not (server_key and client_key):
+                raise ClientError("a TCP connection needs the server's public key and this client's secret key")
+            host, _, port = connect.removeprefix("tcp://").rpartition(":")
+            self.request_endpoint, self.event_endpoint = f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
+            self._curve = (_public_key(server_key), *_key_pair(client_key))
+        else:
+            self.runtime_dir = Path(runtime_dir) if runtime_dir else default_runtime_dir()
+            self.request_endpoint, self.event_endpoint = endpoints(self.runtime_dir)
+
+    def _socket_of(self, kind: int) -> zmq.Socket:
+        socket = self.context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self._curve:
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._curve
+        return socket
 
     def __enter__(self) -> Client:
         return self
@@ -78,6 +114,11 @@ class Client:
         self.context.destroy(linger=0)
 
     def _unreachable(self, why: str) -> DaemonUnreachable:
+        if self._curve:
+            return DaemonUnreachable(
+                f"no diffusiond answers at {self.request_endpoint} ({why}). Is it listening there, and is this "
+                "client's public key in its keys/allowed folder?"
+            )
         return DaemonUnreachable(
             f"no diffusiond answers at {self.request_endpoint} ({why}). Start one with `diffusiond start`, "
             "or run `diffusiond serve` in a terminal"
@@ -85,11 +126,10 @@ class Client:
 
     def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """One request, its reply; RequestFailed for an error reply, DaemonUnreachable for none."""
-        if not Path(self.request_endpoint.removeprefix("ipc://")).exists():
+        if self._curve is None and not Path(self.request_endpoint.removeprefix("ipc://")).exists():
             raise self._unreachable("its socket does not exist")
         if self._socket is None:
-            self._socket = self.context.socket(zmq.DEALER)
-            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket = self._socket_of(zmq.DEALER)
             self._socket.connect(self.request_endpoint)
         request_id = next(self._ids)
         self._socket.send(pack({"v": VERSION, "op": op, "id": request_id, **fields}))
@@ -141,8 +181,7 @@ class Client:
 
     def subscribe(self, topics: list[bytes], timeout: float | None = None) -> zmq.Socket:
         """A SUB socket whose subscription is live: it has seen its own `ping` announcement."""
-        socket = self.context.socket(zmq.SUB)
-        socket.setsockopt(zmq.LINGER, 0)
+        socket = self._socket_of(zmq.SUB)
         for topic in (*topics, DAEMON_TOPIC):
             socket.setsockopt(zmq.SUBSCRIBE, topic)
         socket.connect(self.event_endpoint)

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     install = commands.add_parser("install", help="start the daemon at login (LaunchAgent on macOS, systemd --user on Linux)")
     install.add_argument("--hotfolder", type=Path, metavar="DIR", help="also run a hot folder on DIR at login")
     install.add_argument("--config", type=Path, help="the config the service runs with")
+    keys = commands.add_parser("keys", help="make the CurveZMQ keys for TCP access (the server's, and a client's)")
+    keys.add_argument("--client", metavar="NAME", help="also make a key pair for this client and allow it")
+    keys.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
     commands.add_parser("uninstall", help="stop the login services and remove them")
     commands.add_parser("service-status", help="whether each login service is loaded and running, and its logs")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
@@ -98,7 +101,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    import zmq
+
     from . import config
+    from .remote import RemoteError
     from .server import Server
     from .sockets import RuntimeDirError
 
@@ -106,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config)
         return Server(settings).serve()
-    except (ValueError, RuntimeDirError) as exc:
+    except (ValueError, RuntimeDirError, RemoteError, zmq.ZMQError) as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -198,6 +204,19 @@ def _install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from . import config
+    from .remote import make_keys
+
+    settings = config.load(args.config)
+    for path in make_keys(settings.keys_dir, args.client):
+        print(path)
+    if args.client:
+        print(f"give the client {settings.keys_dir / args.client}.key_secret and {settings.keys_dir}/server.key",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def _uninstall(args: argparse.Namespace) -> int:
     from . import service
 
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "serve": _serve, "start": _start, "stop": _stop, "generate": _generate,
-        "install": _install, "uninstall": _uninstall, "service-status": _service_status,
+        "install": _install, "uninstall": _uninstall, "service-status": _service_status, "keys": _keys,
     }
     try:
         return commands[args.command](args)

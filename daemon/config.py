@@ -48,11 +48,17 @@ class Config:
     max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
     max_loaded: int = 1  # models kept warm at once; loading another unloads the least recently used
     idle_unload: float = 0.0  # seconds unused before a model is unloaded; 0: never
+    tcp: str = ""  # "HOST:PORT": also listen on TCP (events on PORT + 1), CurveZMQ keys only
     limits: Limits = field(default_factory=Limits)
 
     @property
     def database(self) -> Path:
         return self.state_dir / "queue.sqlite3"
+
+    @property
+    def keys_dir(self) -> Path:
+        """The server's key pair, and allowed/ with the public keys of the clients it accepts."""
+        return self.state_dir / "keys"
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:

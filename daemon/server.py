@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 from diffusiond.clients.protocol import (
     DAEMON_TOPIC,
+    HARD_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
     OPS,
     STATES,
@@ -42,6 +43,7 @@ from .model import ALIASES, ModelFolder
 from .notify import notify
 from .pipeline import Request, resolve
 from .queue import JobQueue
+from .remote import bind_tcp
 from .sockets import bind, hold_lock, secure_runtime_dir
 from .worker import WORKER_EVENTS, Worker
 
@@ -88,7 +90,13 @@ class Server:
         if not store.is_hub_id(self.config.model):
             self._model(self.config.model)  # a missing default model stops the start, with the reason
         self.context = zmq.Context()
-        self.router, self.events = bind(self.context, runtime_dir)
+        router, events = bind(self.context, runtime_dir)
+        self.routers, self.publishers, authenticator = [router], [events], None
+        if self.config.tcp:
+            tcp_router, tcp_events, authenticator = bind_tcp(self.context, self.config.tcp, self.config.keys_dir)
+            tcp_router.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_BYTES)
+            self.routers.append(tcp_router)
+            self.publishers.append(tcp_events)
         pull = self.context.socket(zmq.PULL)
         pull.bind(WORKER_EVENTS)
         self.queue = JobQueue(self.config.database)
@@ -106,18 +114,20 @@ class Server:
         log.info("listening in %s (pid %d); loading %s", runtime_dir, os.getpid(), self.config.model)
 
         poller = zmq.Poller()
-        for socket in (self.router, pull, self.events):
+        for socket in (*self.routers, pull, *self.publishers):
             poller.register(socket, zmq.POLLIN)
         exit_code = 0
         try:
             while not self.stop_requested:
                 ready = dict(poller.poll(200))
-                if self.events in ready:
-                    self._subscriptions()
+                for publisher in self.publishers:
+                    if publisher in ready:
+                        self._subscriptions(publisher)
                 if pull in ready:
                     self._forward(pull)
-                if self.router in ready:
-                    self._requests()
+                for router in self.routers:
+                    if router in ready:
+                        self._requests(router)
                 if not self.worker.is_alive():
                     log.error("the worker stopped; exiting so the service manager restarts the daemon")
                     exit_code = 1
@@ -134,7 +144,9 @@ class Server:
             while pull.poll(0):
                 self._forward(pull)
             self.queue.close()
-            for socket in (self.router, self.events, pull):
+            if authenticator is not None:
+                authenticator.stop()
+            for socket in (*self.routers, *self.publishers, pull):
                 socket.close(linger=0)
             self.context.term()
             os.close(lock)
@@ -157,7 +169,9 @@ class Server:
         body.setdefault("ts", time.time())
         if body.get("type") in _LAST_OF_A_RUN:
             del self.topic_seqs[topic]  # a retried job's topic starts again at 1
-        self.events.send_multipart([topic, pack(body)])
+        frames = [topic, pack(body)]
+        for publisher in self.publishers:
+            publisher.send_multipart(frames)
 
     def _forward(self, pull: zmq.Socket) -> None:
         while True:
@@ -167,11 +181,11 @@ class Server:
                 return
             self._publish(topic, unpack(body))
 
-    def _subscriptions(self) -> None:
+    def _subscriptions(self, publisher: zmq.Socket) -> None:
         prefixes = set(self.worker.preview_prefixes)
         while True:
             try:
-                frame = self.events.recv(zmq.NOBLOCK)
+                frame = publisher.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             if frame[:1] == b"\x01":
@@ -182,11 +196,11 @@ class Server:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _requests(self) -> None:
+    def _requests(self, router: zmq.Socket) -> None:
         batch = []
         while len(batch) < BATCH:
             try:
-                batch.append(self.router.recv_multipart(zmq.NOBLOCK))
+                batch.append(router.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
         try:
@@ -198,7 +212,7 @@ class Server:
             self.outbox.clear()
             replies = [self._answer(frames) for frames in batch]
         for reply in replies:
-            self.router.send_multipart(reply)
+            router.send_multipart(reply)
         if self.outbox:  # jobs were queued or the queue resumed: the worker may have work
             self.worker.wake.set()
         for topic, body in self.outbox:
