@@ -77,6 +77,7 @@ class Server:
         self.config = config
         self.seq = 0
         self.topic_seqs: dict[bytes, int] = {}
+        self.remote_request = False  # whether the batch in hand came over TCP
         self.stop_requested = False
         self.models: dict[str, ModelFolder] = {}
         self.outbox: list[tuple[bytes, dict[str, Any]]] = []  # events of the batch in hand, sent after commit
@@ -197,6 +198,8 @@ class Server:
     # -- requests ----------------------------------------------------------------------------
 
     def _requests(self, router: zmq.Socket) -> None:
+        # Requests from another machine (TCP) may not name paths on this one: see _op_submit.
+        self.remote_request = router is not self.routers[0]
         batch = []
         while len(batch) < BATCH:
             try:
@@ -280,9 +283,9 @@ class Server:
         priority = _field(message, "priority", int, 0)
         if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
             raise ProtocolError(Code.INVALID_PARAMETER, f"priority: must be from {-MAX_PRIORITY} to {MAX_PRIORITY}")
-        output_dir = _field(message, "output_dir", str, str(self.config.output_dir))
-        if not Path(output_dir).is_absolute():
-            raise ProtocolError(Code.INVALID_PARAMETER, "output_dir: must be an absolute path")
+        output_dir = self._output_dir(_field(message, "output_dir", str))
+        if self.remote_request and not (model_name in ALIASES or catalog.lookup(model_name) or store.is_hub_id(model_name)):
+            raise ProtocolError(Code.INVALID_PARAMETER, "model: from another machine, a catalog name or a Hub id")
         key = _field(message, "idempotency_key", str)
         if key is not None and not 0 < len(key) <= 256:
             raise ProtocolError(Code.INVALID_PARAMETER, "idempotency_key: must be 1 to 256 characters")
@@ -303,6 +306,23 @@ class Server:
         if created:
             self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": priority}))
         return {"job": job.to_wire(), "created": created}
+
+    def _output_dir(self, asked: str | None) -> str:
+        """Where a job's images go: any absolute folder for a local client; for a client on another
+        machine only a folder inside the daemon's output folder, named relative to it."""
+        if asked is None:
+            return str(self.config.output_dir)
+        if not self.remote_request:
+            if not Path(asked).is_absolute():
+                raise ProtocolError(Code.INVALID_PARAMETER, "output_dir: must be an absolute path")
+            return asked
+        root = self.config.output_dir.resolve()
+        folder = (root / asked).resolve()
+        if Path(asked).is_absolute() or not folder.is_relative_to(root):
+            raise ProtocolError(
+                Code.INVALID_PARAMETER, "output_dir: from another machine, a folder inside the daemon's output folder"
+            )
+        return str(folder)
 
     @staticmethod
     def _image(data: bytes | None) -> Image.Image | None:

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq.auth
 
-from diffusiond.clients import Client, DaemonUnreachable
+from diffusiond.clients import Client, DaemonUnreachable, RequestFailed
 
 from .daemon_process import Daemon
 
@@ -106,3 +106,25 @@ def test_the_cli_connects_with_flags(tcp_daemon) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "ready" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"output_dir": "/tmp/anywhere"}, "inside the daemon's output folder"),
+        ({"output_dir": "../outside"}, "inside the daemon's output folder"),
+        ({"model": "/etc"}, "a catalog name or a Hub id"),
+    ],
+)
+def test_a_remote_client_cannot_name_paths_on_the_daemon_machine(tcp_daemon, fields, message) -> None:
+    folder = tcp_daemon.home / "state" / "keys"
+    with Client(connect=f"tcp://127.0.0.1:{tcp_daemon.port}", server_key=folder / "server.key",
+                client_key=folder / "laptop.key_secret", timeout=10) as client:
+        with pytest.raises(RequestFailed, match=message) as refused:
+            client.submit("p", steps=1, width=64, height=64, **fields)
+        assert refused.value.code == "invalid_parameter"
+        job = client.submit("p", steps=1, width=64, height=64, output_dir="from-laptop")
+        done = client.wait(job["id"], timeout=60)
+    assert done["outputs"] == [str(tcp_daemon.output_dir.resolve() / "from-laptop" / f"{job['id']}.png")]
+    local = tcp_daemon.call("submit", prompt="p", steps=1, width=64, height=64, output_dir=str(tcp_daemon.home / "mine"))
+    assert local["ok"]  # the machine's own user may still write where it likes
