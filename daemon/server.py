@@ -293,6 +293,8 @@ class Server:
             existing = self.queue.find_by_key(key)
             if existing is not None:
                 return {"job": existing.to_wire(), "created": False}
+        if "prompt" not in message:
+            raise ProtocolError(Code.INVALID_PARAMETER, "prompt: required")
         fields = {name: message[name] for name in _JOB_FIELDS if name in message}
         if isinstance(fields.get("scheduler"), str) and fields["scheduler"] not in schedulers.NAMES:
             try:

@@ -206,9 +206,11 @@ def cached_models() -> list[dict[str, Any]]:
     """Hub models in the Hugging Face cache that a runtime can load, with their size and folder."""
     from huggingface_hub import scan_cache_dir
 
+    from huggingface_hub.errors import CacheNotFound
+
     try:
         cache = scan_cache_dir()
-    except OSError:
+    except (CacheNotFound, OSError):  # no cache yet: nothing downloaded
         return []
     found = []
     for repo in cache.repos:
