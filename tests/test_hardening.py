@@ -91,3 +91,51 @@ def test_another_user_cannot_reach_the_ipc_endpoint(daemon) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "no answer", done.stderr
     assert daemon.call("ping")["ready"]  # while its own user still gets one
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's memory from /proc")
+def test_fifty_clients_and_twenty_subscribers(fresh) -> None:
+    """Bounded: 50 clients × 40 submits with the queue paused, 20 subscribers watching; every request
+    answered, every subscriber sees every job queued, and the daemon's memory stays bounded."""
+    import threading
+
+    daemon = fresh.start()
+    daemon.call("pause")
+    before = rss_mb(daemon.process.pid)
+    subscribers = [daemon.subscribe(b"job.") for _ in range(20)]
+    answered, failures = [], []
+
+    def client() -> None:
+        socket = daemon.client()
+        try:
+            for i in range(40):
+                reply = daemon.call("submit", socket=socket, prompt=f"load {i}", steps=1, width=64, height=64)
+                (answered if reply.get("ok") else failures).append(reply)
+        except TimeoutError as exc:
+            failures.append(exc)
+        finally:
+            socket.close()
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and len(answered) == 2000
+    ids = {reply["job"]["id"] for reply in answered}
+    for socket in subscribers:
+        queued = set()
+        while len(queued) < len(ids):
+            _, event = daemon.next_event(socket, 30)
+            if event["type"] == "job.queued":
+                queued.add(event["job"])
+        assert queued == ids
+    assert rss_mb(daemon.process.pid) - before < 100
+    assert len(daemon.call("cancel", all_queued=True)["cancelled"]) == 2000
