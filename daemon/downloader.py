@@ -24,10 +24,10 @@ log = logging.getLogger("diffusiond.downloader")
 
 
 class Downloader(threading.Thread):
-    def __init__(self, context: zmq.Context, gpu: bool) -> None:
+    def __init__(self, context: zmq.Context, device: str) -> None:
         super().__init__(name="downloader", daemon=True)
         self.context = context
-        self.gpu = gpu
+        self.device = device
         self.requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self.cancelled: set[str] = set()
         self.active: str | None = None
@@ -51,12 +51,15 @@ class Downloader(threading.Thread):
         self.events.connect(WORKER_EVENTS)
         try:
             while (item := self.requests.get()) is not None:
+                from .runtimes.torch_runtime import pick_device  # torch: here, not on the server's start
+
+                gpu = pick_device(self.device).type != "cpu"
                 name, compute_units = item
                 self.active = name
                 self._emit(name, {"type": "model.downloading"})
                 try:
                     path = store.pull(
-                        name, self.gpu, lambda progress: self._emit(name, {"type": "model.download", **progress}),
+                        name, gpu, lambda progress: self._emit(name, {"type": "model.download", **progress}),
                         lambda: name in self.cancelled, compute_units,
                     )
                 except (Cancelled, EngineError) as exc:

@@ -106,9 +106,7 @@ class Server:
             log.info("recovered after a crash: %d jobs queued again, %d cancelled", len(requeued), len(cancelled))
         self.worker = Worker(self.config, self.context)
         self.worker.start()
-        from .runtimes.torch_runtime import pick_device
-
-        self.downloader = Downloader(self.context, gpu=pick_device(self.config.device).type != "cpu")
+        self.downloader = Downloader(self.context, self.config.device)
         self.downloader.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
