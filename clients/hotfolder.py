@@ -56,7 +56,6 @@ def free_name(folder: Path, stem: str, suffix: str) -> Path:
 @dataclass
 class Pending:
     path: Path
-    key: str
     job_id: str | None = None
 
 
@@ -78,7 +77,7 @@ class HotFolder:
         self.arrivals: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.waiting: dict[Path, tuple[int, int, float]] = {}  # not yet ready: (size, mtime, since)
         self.pending: dict[Path, Pending] = {}  # submitted or about to be, until moved away
-        self.daemon_down_since: float | None = None
+        self.daemon_down = False  # said "waiting" once; says "daemon back" when it answers again
         self.events: Any = None  # a live job-event subscription, once the daemon has answered
         self.last_line: dict[str, float] = {}  # job id → when its last progress line went out
 
@@ -148,7 +147,7 @@ class HotFolder:
                         self.waiting.setdefault(path, (-1, -1, time.monotonic()))
                 for path in dict.fromkeys(ready):
                     if path not in self.pending and path.exists():
-                        self.pending[path] = Pending(path, "")
+                        self.pending[path] = Pending(path)
                 self._advance()
                 self._progress()
         finally:
@@ -158,7 +157,7 @@ class HotFolder:
     def _progress(self) -> None:
         """A line per step of each file's job, from the daemon's events (the queue stays the record)."""
         if self.events is None:
-            if self.daemon_down_since is not None or not self.pending:
+            if self.daemon_down or not self.pending:
                 return
             try:
                 self.events = self.client.subscribe([b"job."], timeout=2)
@@ -191,12 +190,12 @@ class HotFolder:
                     if job["state"] in FINISHED:
                         self._finish(item, job)
         except DaemonUnreachable as exc:
-            if self.daemon_down_since is None:
-                self.daemon_down_since = time.monotonic()
+            if not self.daemon_down:
+                self.daemon_down = True
                 self.report({"event": "waiting", "reason": str(exc)})
             return
-        if self.daemon_down_since is not None:
-            self.daemon_down_since = None
+        if self.daemon_down:
+            self.daemon_down = False
             self.report({"event": "daemon back"})
 
     def _submit(self, item: Pending) -> None:
@@ -219,9 +218,9 @@ class HotFolder:
             return
         # The file's identity and content: the same drop gets the same job, a new drop a new one.
         identity = f"{self.folder}\0{item.path.name}\0{info.st_ino}\0{info.st_mtime_ns}\0".encode() + data
-        item.key = "hotfolder:" + hashlib.sha256(identity).hexdigest()[:40]
+        key = "hotfolder:" + hashlib.sha256(identity).hexdigest()[:40]
         try:
-            job = self.client.submit(**fields, output_dir=str(self.output_dir), idempotency_key=item.key)
+            job = self.client.submit(**fields, output_dir=str(self.output_dir), idempotency_key=key)
         except RequestFailed as exc:
             self._fail(item, f"{exc.message} ({exc.code})")
             return

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffusiond.clients.cli import size_argument
+from diffusiond.clients.cli import Progress, size_argument
 
 from . import schedulers
 from .errors import EngineError
@@ -53,22 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressBar:
-    """One redrawn stderr line: step, total, ETA."""
-
-    def __init__(self, width: int = 30) -> None:
-        self.width = width
-        self.started = time.monotonic()
-
-    def __call__(self, step: int, total: int, _latents: object) -> None:
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / step * (total - step)
-        filled = self.width * step // total
-        bar = "#" * filled + "." * (self.width - filled)
-        end = "\n" if step == total else ""
-        print(f"\rstep {step:>3}/{total} [{bar}] ETA {eta:4.1f}s", end=end, file=sys.stderr, flush=True)
-
-
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -89,7 +73,16 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     runtime = TorchRuntime(model.path, args.device, with_safety_checker=model.has_safety_checker and request.safety_checker)
     pipeline = Pipeline(model, runtime)
-    result = pipeline.generate(request, on_step=ProgressBar())
+    progress, started = Progress(enabled=True), time.monotonic()
+
+    def on_step(step: int, total: int, _latents: object) -> None:
+        eta = (time.monotonic() - started) / step * (total - step)
+        progress({"type": "job.progress", "step": step, "total": total, "eta": eta})
+
+    try:
+        result = pipeline.generate(request, on_step=on_step)
+    finally:
+        progress.end()
     if result.dropped_prompt:
         print(f"prompt truncated to 77 tokens; dropped: {result.dropped_prompt!r}", file=sys.stderr)
     for path, flagged in zip(save_result(result, args.model, args.out), result.flagged):
