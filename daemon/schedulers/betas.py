@@ -89,3 +89,17 @@ def predicted_original(prediction_type: str, model_output: np.ndarray, sample: n
     if prediction_type == "sample":
         return model_output
     return np.sqrt(alpha) * sample - np.sqrt(beta) * model_output
+
+
+def spaced_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The integer timesteps of the discrete-time schedulers, high to low, by diffusers'
+    `timestep_spacing` (Lin et al. 2023, table 2: linspace, leading, trailing)."""
+    train = int(config["num_train_timesteps"])
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+        timesteps = np.linspace(0, train - 1, num_inference_steps).round()[::-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(num_inference_steps) * (train // num_inference_steps))[::-1] + config["steps_offset"]
+    else:
+        timesteps = np.round(np.arange(train, 0, -train / num_inference_steps)) - 1
+    return timesteps.astype(np.int64)

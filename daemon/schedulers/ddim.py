@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config, noised, predicted_original
+from .betas import alphas_cumprod_from_config, noised, predicted_original, spaced_timesteps
 
 
 class DDIM:
@@ -49,16 +49,7 @@ class DDIM:
         train = int(self.config["num_train_timesteps"])
         if num_inference_steps > train:
             raise ValueError(f"num_inference_steps {num_inference_steps} exceeds num_train_timesteps {train}")
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            timesteps = np.linspace(0, train - 1, num_inference_steps).round()[::-1]
-        elif spacing == "leading":
-            ratio = train // num_inference_steps
-            timesteps = (np.arange(num_inference_steps) * ratio)[::-1] + self.config["steps_offset"]
-        else:
-            ratio = train / num_inference_steps
-            timesteps = np.round(np.arange(train, 0, -ratio)) - 1
-        self.timesteps = timesteps.astype(np.int64)
+        self.timesteps = spaced_timesteps(self.config, num_inference_steps)
         # diffusers steps back by this fixed stride, whatever the spacing, so the last step may skip past 0.
         self._stride = train // num_inference_steps
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config, noised
+from .betas import alphas_cumprod_from_config, noised, spaced_timesteps
 
 
 class PNDM:
@@ -43,15 +43,7 @@ class PNDM:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         train = int(self.config["num_train_timesteps"])
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            ascending = np.linspace(0, train - 1, num_inference_steps).round().astype(np.int64)
-        elif spacing == "leading":
-            ratio = train // num_inference_steps
-            ascending = np.arange(num_inference_steps) * ratio + self.config["steps_offset"]
-        else:
-            ratio = train / num_inference_steps
-            ascending = np.round(np.arange(train, 0, -ratio))[::-1].astype(np.int64) - 1
+        ascending = spaced_timesteps(self.config, num_inference_steps)[::-1]
         self._stride = train // num_inference_steps
         if self.config["skip_prk_steps"]:
             # The second timestep comes twice: the repeat re-runs the first step with the two noise
