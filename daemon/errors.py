@@ -33,3 +33,9 @@ class ModelInvalid(EngineError):
 
 class Cancelled(EngineError):
     code = "cancelled"
+
+
+class ConversionFailed(EngineError):
+    """`diffusiond convert` could not make Core ML models; the message says what to do next."""
+
+    code = "conversion_failed"

@@ -1,4 +1,5 @@
-"""Hardware facts that choose Core ML compute units: a pure rule (coreml_layout) over these."""
+"""Hardware facts that choose Core ML compute units (a pure rule in coreml_layout over these), and
+the machine a bench result belongs to."""
 
 from __future__ import annotations
 
@@ -6,17 +7,59 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
+
+# What `sysctl -n` is asked for; parse_sysctl reads the answers.
+SYSCTL_NAMES = ("machdep.cpu.brand_string", "hw.perflevel0.physicalcpu", "hw.perflevel1.physicalcpu",
+                "hw.physicalcpu", "hw.memsize", "hw.optional.arm64")
 
 
-def _sysctl(name: str) -> int | None:
+@dataclass(frozen=True)
+class Machine:
+    chip: str
+    performance_cores: int
+    efficiency_cores: int
+    memory_gb: int
+    os: str
+    has_neural_engine: bool
+
+    @property
+    def key(self) -> str:
+        """One machine kind for the bench store: chip, cores and memory (what changes the winner)."""
+        return f"{self.chip}, {self.performance_cores}P+{self.efficiency_cores}E, {self.memory_gb} GB"
+
+
+def parse_sysctl(values: dict[str, str], os_version: str) -> Machine:
+    """The machine from sysctl's answers (missing names: Intel Macs lack the perflevel ones)."""
+
+    def number(name: str) -> int:
+        try:
+            return int(values.get(name, "").strip())
+        except ValueError:
+            return 0
+
+    performance = number("hw.perflevel0.physicalcpu") or number("hw.physicalcpu")
+    return Machine(
+        chip=values.get("machdep.cpu.brand_string", "").strip() or platform.processor() or "unknown",
+        performance_cores=performance,
+        efficiency_cores=number("hw.perflevel1.physicalcpu"),
+        memory_gb=round(number("hw.memsize") / 1024**3),
+        os=os_version,
+        has_neural_engine=number("hw.optional.arm64") == 1,  # every Apple silicon Mac has one
+    )
+
+
+def _sysctl(name: str) -> str:
     try:
-        return int(subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
-def hardware_facts() -> tuple[bool, int]:
-    """(has a Neural Engine, performance cores). Every Apple silicon Mac has a Neural Engine."""
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return True, _sysctl("hw.perflevel0.physicalcpu") or _sysctl("hw.physicalcpu") or 0
-    return False, os.cpu_count() or 0
+def this_machine() -> Machine:
+    if sys.platform == "darwin":
+        return parse_sysctl({name: _sysctl(name) for name in SYSCTL_NAMES}, f"macOS {platform.mac_ver()[0]}")
+    return Machine(platform.processor() or platform.machine(), os.cpu_count() or 0, 0,
+                   round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3),
+                   f"{platform.system()} {platform.release()}", False)
+

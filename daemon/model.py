@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .coreml_model import CoreMLFolder, is_coreml_folder
 from .errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
 
 TINY = Path(__file__).resolve().parent / "models" / "tiny"
@@ -24,22 +25,24 @@ _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 class ModelFolder:
     path: Path
     name: str
+    runtime = "torch"
+    fixed_size = False  # any size the VAE's factor divides
 
     @classmethod
-    def open(cls, name: str) -> ModelFolder:
-        """A model by alias, local folder, or Hub id (`org/name[@revision]`) already in the HF cache."""
+    def open(cls, name: str) -> ModelFolder | CoreMLFolder:
+        """A model by alias, local folder, or Hub id (`org/name[@revision]`) already in the HF cache;
+        a folder of Core ML models in Apple's layout opens as a CoreMLFolder."""
         from . import catalog, store
 
         path = ALIASES.get(name, Path(name).expanduser())
-        entry = catalog.lookup(name)
-        if entry is not None and entry.runtime != "torch":
-            raise ModelInvalid(f"{name} is a Core ML model ({entry.repo}): the coreml runtime runs it, on a Mac")
         repo = catalog.repo_for(name)
         if store.is_hub_id(repo):
-            cached = store.local_path(repo)
+            cached = store.coreml_local_path(repo) or store.local_path(repo)
             if cached is None:
                 raise ModelNotDownloaded(f"{name} is not downloaded yet; a job for it downloads it first")
             path = cached
+        if is_coreml_folder(path):
+            return CoreMLFolder.open(path, name)
         if not (path / "model_index.json").is_file():
             raise ModelNotFound(
                 f"no diffusers model at {path} (model_index.json missing); "

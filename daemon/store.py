@@ -117,6 +117,24 @@ def local_path(name: str) -> Path | None:
     return folder if complete else None
 
 
+def coreml_local_path(name: str) -> Path | None:
+    """A Core ML repo's folder of models in Apple's naming (archives unpacked by `pull`); None
+    when none is cached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, revision = split(name)
+    try:
+        snapshot = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+    unpacked = Path(constants.HF_HOME) / "diffusiond" / "coreml" / repo.replace("/", "--") / snapshot.name
+    try:
+        return coreml_layout.model_dir(unpacked if unpacked.exists() else snapshot)
+    except FileNotFoundError:
+        return None
+
+
 def pull(
     name: str,
     gpu: bool,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from diffusiond.daemon import coreml_layout
-from diffusiond.daemon.errors import ModelInvalid
+from diffusiond.daemon.errors import ModelNotDownloaded
 from diffusiond.daemon.model import TINY, ModelFolder
 
 from .fake_hub import FakeHub
@@ -175,8 +175,9 @@ def test_compute_units_auto_follows_the_diffusers_for_mac_rule() -> None:
     assert coreml_layout.auto_compute_units(has_neural_engine=True, performance_cores=4) == "cpuAndNeuralEngine"
 
 
-def test_a_core_ml_catalog_model_is_not_for_the_torch_runtime() -> None:
-    with pytest.raises(ModelInvalid, match="coreml runtime"):
+def test_a_core_ml_catalog_model_not_downloaded_says_so() -> None:
+    # Once downloaded it opens as a Core ML model (tests/test_coreml.py); the torch runtime refuses it there.
+    with pytest.raises(ModelNotDownloaded, match="not downloaded yet"):
         ModelFolder.open("sd15-coreml")
 
 
