@@ -1,13 +1,34 @@
-"""The PyTorch runtime: a diffusers-format folder on CUDA, MPS or the CPU. Load, predict, nothing else."""
+"""The PyTorch runtime: a diffusers-format folder on CUDA, MPS or the CPU.
+
+On CUDA it keeps what a warm daemon can afford (docs/gpu.md): half precision, channels_last, the
+UNet and VAE decoder compiled once per shape, and the whole denoising loop on the device — the
+scheduler as a coefficient table traced by the pipeline (daemon/linear_steps.py), guidance in the
+same batch, each step one CUDA graph replay — with no host sync inside the loop.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
+
+from ..linear_steps import LinearPlan
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+SWITCHES = ("auto", "on", "off")
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_LOOPS = 4  # captured loops (one per latent shape and step bucket) kept; each holds a graph's memory
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -20,11 +41,54 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class TorchSettings:
+    """How the runtime uses its device. "auto" is on for CUDA and off elsewhere, so the CPU (and
+    the test suite) runs exactly as before; precision "auto" is fp16 on a GPU, fp32 on the CPU."""
+
+    precision: str = "auto"  # auto | fp16 | bf16 | fp32
+    compile: str = "auto"  # torch.compile (inductor) of the UNet and the VAE decoder
+    cuda_graphs: str = "auto"  # each denoising step one graph replay (CUDA only)
+    channels_last: str = "auto"  # NHWC weights and activations: the fast layout for tensor-core convs
+    device_loop: str = "auto"  # the denoising loop on the device (needs a linear scheduler)
+    compile_cache: Path | None = None  # inductor's on-disk cache, so a restart skips most compiling
+
+    def __post_init__(self) -> None:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        for name in ("compile", "cuda_graphs", "channels_last", "device_loop"):
+            if getattr(self, name) not in SWITCHES:
+                raise ValueError(f"{name} must be one of {', '.join(SWITCHES)}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, config: Config) -> TorchSettings:
+        """The settings a daemon Config states (docs/gpu.md)."""
+        names = ("precision", "compile", "cuda_graphs", "channels_last", "device_loop")
+        return cls(**{name: getattr(config, name) for name in names}, compile_cache=config.state_dir / "compiled")
+
+    def on(self, name: str, device: torch.device) -> bool:
+        value = getattr(self, name)
+        if name == "cuda_graphs" and device.type != "cuda":
+            return False
+        return value == "on" or value == "auto" and device.type == "cuda"
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        if self.precision == "auto":
+            return torch.float32 if device.type == "cpu" else torch.float16
+        return PRECISIONS[self.precision]
+
+
 class TorchRuntime:
-    def __init__(self, folder: Path, device: str = "auto", with_safety_checker: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        device: str = "auto",
+        with_safety_checker: bool = False,
+        settings: TorchSettings = TorchSettings(),
+    ) -> None:
         self.device = pick_device(device)
-        # Half precision where the hardware computes it fast; the CPU stays in float32.
-        self.dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.settings = settings
+        self.dtype = settings.dtype(self.device)
         load = {"torch_dtype": self.dtype}
         self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load).to(self.device).eval()
         self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load).to(self.device).eval()
@@ -36,13 +100,37 @@ class TorchRuntime:
             self.safety_checker = (
                 StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", **load).to(self.device).eval()
             )
+        self.memory_format = torch.contiguous_format
+        if settings.on("channels_last", self.device):
+            self.memory_format = torch.channels_last
+            self.unet.to(memory_format=self.memory_format)
+            self.vae.to(memory_format=self.memory_format)
+        self.compiles = settings.on("compile", self.device)
+        self.graphs = settings.on("cuda_graphs", self.device)
+        self.device_loop = settings.on("device_loop", self.device)
+        self._unet: Callable[..., object] = self.unet
+        self._decode: Callable[[torch.Tensor], object] = self.vae.decode
+        if self.compiles:
+            if settings.compile_cache is not None:
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
+            # Shapes are static per job; a new size compiles its own graph rather than a dynamic one.
+            self._unet = torch.compile(self.unet, fullgraph=True, dynamic=False)
+            self._decode = torch.compile(self.vae.decode, fullgraph=True, dynamic=False)
+        self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
 
     def _in(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+        return tensor.contiguous(memory_format=self.memory_format) if tensor.ndim == 4 else tensor
 
-    @staticmethod
-    def _out(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.float().cpu().numpy()
+    def _out(self, tensor: torch.Tensor) -> np.ndarray:
+        """To the host; on CUDA through pinned memory, one copy and one sync."""
+        tensor = tensor.float()
+        if self.device.type != "cuda":
+            return tensor.cpu().numpy()
+        host = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy()
 
     @torch.inference_mode()
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
@@ -51,11 +139,11 @@ class TorchRuntime:
     @torch.inference_mode()
     def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, hidden_states: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.asarray(timestep)).to(self.device)
-        return self._out(self.unet(self._in(sample), t, encoder_hidden_states=self._in(hidden_states)).sample)
+        return self._out(self._unet(self._in(sample), t, encoder_hidden_states=self._in(hidden_states)).sample)
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._out(self.vae.decode(self._in(latents)).sample)
+        return self._out(self._decode(self._in(latents)).sample)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -65,3 +153,158 @@ class TorchRuntime:
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
         _, flagged = self.safety_checker(clip_input=self._in(clip_input), images=images.copy())
         return np.asarray(flagged, dtype=bool)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        latents: np.ndarray,
+        embeds: np.ndarray,
+        plan: LinearPlan,
+        guidance: float | None,
+        before_step: Callable[[int], None],
+        on_step: Callable[[int, int, np.ndarray], None] | None,
+    ) -> np.ndarray:
+        """The whole denoising loop on the device: step k's UNet input is ``plan.inputs[k] @ atoms``,
+        its guided output becomes atom k + 1. ``before_step(k)`` runs before step k is queued (it
+        raises to cancel); ``on_step`` gets step k's latents while step k + 1 runs, so the device
+        never waits for the host."""
+        loop = self._loop(latents.shape, embeds.shape, plan.steps, guidance is not None)
+        return loop.run(latents, embeds, plan, guidance, before_step, on_step)
+
+    @property
+    def has_warm_up(self) -> bool:
+        """Whether warm_up has work to do (compiling or capturing), worth a loading phase of its own."""
+        return self.compiles or self.graphs
+
+    def warm_up(self, width: int, height: int, count: int = 1, steps: int = 25) -> float:
+        """Compile and capture for one request shape (guided), as a loading phase; the seconds it took.
+        Other shapes compile at their first job."""
+        started = time.perf_counter()
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (count, self.unet.config.in_channels, height // factor, width // factor)
+        embeds = np.zeros((2 * count, 77, self.text_encoder.config.hidden_size), dtype=np.float32)
+        latents = np.zeros(shape, dtype=np.float32)
+        if self.device_loop:
+            n = steps
+            plan = LinearPlan(
+                np.full(n, 999.0), np.zeros((n, n + 1), np.float32), np.zeros((n + 1, n + 1), np.float32)
+            )
+            latents = self.denoise(latents, embeds, plan, 7.5, lambda k: None, None)
+        else:
+            self.predict_noise(np.concatenate([latents, latents]), np.asarray(999), embeds)
+        self.decode(latents)
+        return time.perf_counter() - started
+
+    def _loop(self, shape: tuple[int, ...], embeds_shape: tuple[int, ...], steps: int, guided: bool) -> _Loop:
+        # Step counts share a loop up to a power of two, so 20 and 25 steps reuse one graph.
+        capacity = max(16, 1 << steps.bit_length())
+        key = (shape, embeds_shape, capacity, guided)
+        if key in self._loops:
+            self._loops.move_to_end(key)
+            return self._loops[key]
+        while len(self._loops) >= MAX_LOOPS:
+            self._loops.popitem(last=False)
+        self._loops[key] = _Loop(self, shape, embeds_shape, capacity, guided)
+        return self._loops[key]
+
+
+class _Loop:
+    """Static buffers (and, on CUDA, a captured graph) for one latent shape and step capacity."""
+
+    def __init__(
+        self, runtime: TorchRuntime, shape: tuple[int, ...], embeds_shape: tuple[int, ...], capacity: int, guided: bool
+    ) -> None:
+        self.runtime, self.capacity, self.guided = runtime, capacity, guided
+        device, dtype = runtime.device, runtime.dtype
+        self.atoms = torch.zeros((capacity, *shape), dtype=torch.float32, device=device)
+        self.row = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.timestep = torch.zeros((), dtype=torch.float32, device=device)
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.embeds = torch.zeros(embeds_shape, dtype=dtype, device=device)
+        self.output = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if runtime.graphs:
+            self.graph = self._capture()
+
+    def _step(self) -> None:
+        """One step from the static buffers into ``output``: combine, UNet, guidance."""
+        runtime = self.runtime
+        sample = torch.tensordot(self.row, self.atoms, dims=1).to(runtime.dtype)
+        if self.guided:
+            sample = torch.cat([sample, sample])
+        sample = sample.contiguous(memory_format=runtime.memory_format)
+        prediction = runtime._unet(sample, self.timestep, encoder_hidden_states=self.embeds).sample.float()
+        if self.guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + self.scale * (cond - uncond)
+        self.output.copy_(prediction)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile and let the allocator and cuDNN settle before capture
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        return graph
+
+    def run(
+        self,
+        latents: np.ndarray,
+        embeds: np.ndarray,
+        plan: LinearPlan,
+        guidance: float | None,
+        before_step: Callable[[int], None],
+        on_step: Callable[[int, int, np.ndarray], None] | None,
+    ) -> np.ndarray:
+        runtime, n = self.runtime, plan.steps
+        device = runtime.device
+        cuda = device.type == "cuda"
+        inputs = torch.zeros((n, self.capacity), dtype=torch.float32)
+        inputs[:, : n + 1] = torch.from_numpy(plan.inputs)
+        rows = torch.zeros((n + 1, self.capacity), dtype=torch.float32)
+        rows[:, : n + 1] = torch.from_numpy(plan.latents)
+        timesteps = torch.from_numpy(plan.timesteps.astype(np.float32))
+        inputs, rows, timesteps = (t.to(device, non_blocking=cuda) for t in (inputs, rows, timesteps))
+        self.atoms.zero_()
+        self.atoms[0].copy_(torch.from_numpy(latents))
+        self.embeds.copy_(torch.from_numpy(embeds))
+        self.scale.fill_(guidance or 0.0)
+        pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        for k in range(n):
+            before_step(k)
+            self.row.copy_(inputs[k])
+            self.timestep.copy_(timesteps[k])
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            self.atoms[k + 1].copy_(self.output)
+            if on_step is not None:
+                if pending is not None:
+                    self._report(pending, n, on_step)
+                pending = self._fetch(k + 1, rows[k + 1], cuda)
+        if pending is not None:
+            self._report(pending, n, on_step)
+        return runtime._out(torch.tensordot(rows[n], self.atoms, dims=1))
+
+    def _fetch(self, step: int, row: torch.Tensor, cuda: bool) -> tuple[int, torch.Tensor, torch.cuda.Event | None]:
+        """Queue the copy of step's latents to the host without waiting for it."""
+        latents = torch.tensordot(row, self.atoms, dims=1)
+        if not cuda:
+            return step, latents.clone(), None
+        host = torch.empty(latents.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(latents, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return step, host, done
+
+    @staticmethod
+    def _report(pending: tuple[int, torch.Tensor, torch.cuda.Event | None], total: int, on_step) -> None:
+        step, host, done = pending
+        if done is not None:
+            done.synchronize()
+        on_step(step, total, host.numpy())
