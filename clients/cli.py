@@ -361,6 +361,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         print(f"diffusiond {status['version']} (pid {status['pid']}), {'ready' if status['ready'] else 'starting'}")
         print(f"models: {loaded}{loading}")
         print(f"queue: {queue}{' — paused' if status['paused'] else ''}")
+        for worker in status.get("workers", []):
+            print(f"remote worker {worker['name']}: {'running ' + worker['job'] if worker['job'] else 'idle'}")
     return EXIT_DONE
 
 

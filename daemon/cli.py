@@ -10,6 +10,8 @@ from pathlib import Path
 from diffusiond.clients.cli import Progress, size_argument
 
 from . import schedulers
+from .coreml_layout import COMPUTE_UNITS
+from .coreml_model import PARTS
 from .errors import EngineError
 from .pipeline import Limits, Request
 
@@ -30,7 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--config", type=Path, help="the config the service runs with")
     keys = commands.add_parser("keys", help="make the CurveZMQ keys for TCP access (the server's, and a client's)")
     keys.add_argument("--client", metavar="NAME", help="also make a key pair for this client and allow it")
+    keys.add_argument("--worker", metavar="NAME", help="also make a key pair for this remote worker and allow it")
     keys.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
+    worker = commands.add_parser("worker", help="add this machine's capacity to a daemon on another machine")
+    worker.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the daemon's tcp address")
+    worker.add_argument("--server-key", type=Path, required=True, help="the daemon's server.key")
+    worker.add_argument("--worker-key", type=Path, required=True, help="this worker's NAME.key_secret")
+    worker.add_argument("--name", help="shown in the daemon's events (default: this host's name)")
+    worker.add_argument("--config", type=Path, help="this machine's config: device, max_loaded, limits")
     commands.add_parser("uninstall", help="stop the login services and remove them")
     commands.add_parser("service-status", help="whether each login service is loaded and running, and its logs")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
@@ -50,6 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNITS, help="Core ML models: where they run")
+    convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout")
+    convert.add_argument("source", help="a diffusers-format folder or Hub repo (org/name)")
+    convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the Core ML models")
+    convert.add_argument("--attention", default="split_einsum", choices=("original", "split_einsum"),
+                         help="split_einsum: the Neural Engine's; original: the GPU's")
+    convert.add_argument("--resolution", type=int, metavar="PIXELS",
+                         help="the square image size the models take (default: the model's own)")
+    convert.add_argument("--palettize", action="store_true", help="6-bit palettized weights (smaller, as Apple's -6bit)")
+    convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
+    bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
+    bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
+    bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS[:-1], default=list(COMPUTE_UNITS[:-1]))
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--runs", type=int, default=2, help="timed images per option, after one to warm up")
+    bench.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
     return parser
 
 
@@ -58,8 +83,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .model import ModelFolder
     from .pipeline import Pipeline
+    from .config import load
     from .png import save_result
-    from .runtimes.torch_runtime import TorchRuntime
+    from .runtimes import open_runtime
 
     width, height = args.size or (None, None)
     init_image = Image.open(args.init_image) if args.init_image else None
@@ -71,7 +97,13 @@ def _generate(args: argparse.Namespace) -> int:
     )
     model = ModelFolder.open(args.model)
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
-    runtime = TorchRuntime(model.path, args.device, with_safety_checker=model.has_safety_checker and request.safety_checker)
+    options = {}
+    if model.runtime == "torch":  # one image: compiling or capturing graphs would not pay
+        from .runtimes.torch_runtime import TorchSettings
+
+        options["settings"] = TorchSettings(compile="off", cuda_graphs="off")
+    runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
+                           model.has_safety_checker and request.safety_checker, load().state_dir, **options)
     pipeline = Pipeline(model, runtime)
     progress, started = Progress(enabled=True), time.monotonic()
 
@@ -202,12 +234,28 @@ def _keys(args: argparse.Namespace) -> int:
     from .remote import make_keys
 
     settings = config.load(args.config)
-    for path in make_keys(settings.keys_dir, args.client):
+    for path in make_keys(settings.keys_dir, args.client, args.worker):
         print(path)
-    if args.client:
-        print(f"give the client {settings.keys_dir / args.client}.key_secret and {settings.keys_dir}/server.key",
-              file=sys.stderr)
+    for peer in (args.client, args.worker):
+        if peer:
+            print(f"give {peer} {settings.keys_dir / peer}.key_secret and {settings.keys_dir}/server.key",
+                  file=sys.stderr)
     return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import config
+    from .remote_worker import RemoteWorker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        worker = RemoteWorker(config.load(args.config), args.connect, args.server_key, args.worker_key, args.name)
+    except ValueError as exc:
+        print(f"diffusiond: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return worker.run()
 
 
 def _uninstall(args: argparse.Namespace) -> int:
@@ -227,11 +275,59 @@ def _service_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        from .converter import convert
+    except ImportError as exc:
+        print(f"diffusiond: converting needs torch, diffusers and coremltools ({exc}): "
+              "pip install 'diffusiond[convert]'", file=sys.stderr)
+        return EXIT_FAILED
+    size = (args.resolution, args.resolution) if args.resolution else None
+    started = time.monotonic()
+    out = convert(args.source, args.out, args.attention, size, args.palettize,
+                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts))
+    print(out)
+    print(f"converted in {time.monotonic() - started:.0f}s; on a Mac: diffusiond generate -m {out} \"…\"",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from . import compute_units
+    from .bench import measure, table
+    from .config import load
+    from .hardware import this_machine
+    from .model import ModelFolder
+    from .pipeline import Pipeline
+    from .runtimes.coreml_runtime import CoreMLRuntime
+
+    settings = load(args.config)
+    name = args.model or settings.model
+    model = ModelFolder.open(name)
+    if model.runtime != "coreml":
+        print(f"diffusiond: bench times Core ML compute units and {name} is a diffusers-format model; "
+              f"convert it first: diffusiond convert {model.path} --out DIR", file=sys.stderr)
+        return EXIT_USAGE
+    request = Request("a photo of an astronaut riding a horse on mars", steps=args.steps, seed=42, safety_checker=False)
+    machine = this_machine()
+    timings = measure(lambda units: Pipeline(model, CoreMLRuntime(model, units)), args.compute_units, request,
+                      args.runs, lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(machine, name, timings))
+    best = timings[0]
+    compute_units.record(settings.state_dir, machine, name, best.compute_units, best.seconds_per_image,
+                         datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    print(f"auto now runs {name} on {best.compute_units} on this machine", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "serve": _serve, "start": _start, "stop": _stop, "generate": _generate,
         "install": _install, "uninstall": _uninstall, "service-status": _service_status, "keys": _keys,
+        "worker": _worker, "convert": _convert, "bench": _bench,
     }
     try:
         return commands[args.command](args)

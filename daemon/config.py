@@ -42,13 +42,22 @@ class Config:
     model: str = "tiny"  # loaded at start and kept warm
     runtime: str = "torch"
     device: str = "auto"
+    compute_units: str = "auto"  # coreml: auto (the bench's winner, else the rule), cpuAndGPU, cpuAndNeuralEngine, all, cpuOnly
+    # The torch runtime on a GPU (docs/gpu.md); "auto": on for CUDA, off elsewhere.
+    precision: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 on a GPU, fp32 on the CPU)
+    compile: str = "auto"  # auto | on | off: torch.compile the UNet and VAE decoder at load
+    cuda_graphs: str = "auto"  # auto | on | off: each denoising step one CUDA graph replay
+    channels_last: str = "auto"  # auto | on | off
+    device_loop: str = "auto"  # auto | on | off: the denoising loop on the device, no host sync
     output_dir: Path = field(default_factory=lambda: _home("Pictures", "diffusiond"))
     state_dir: Path = field(default_factory=_default_state_dir)  # the SQLite queue
     runtime_dir: Path = field(default_factory=default_runtime_dir)  # the ipc sockets
     max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
     max_loaded: int = 1  # models kept warm at once; loading another unloads the least recently used
     idle_unload: float = 0.0  # seconds unused before a model is unloaded; 0: never
-    tcp: str = ""  # "HOST:PORT": also listen on TCP (events on PORT + 1), CurveZMQ keys only
+    tcp: str = ""  # "HOST:PORT": also listen on TCP (events on PORT + 1, workers on PORT + 2), CurveZMQ keys only
+    local_worker: bool = True  # false: this machine keeps the queue and remote workers run the jobs
+    worker_timeout: float = 10.0  # seconds of silence after which a remote worker is lost and its job requeued
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -59,6 +68,14 @@ class Config:
     def keys_dir(self) -> Path:
         """The server's key pair, and allowed/ with the public keys of the clients it accepts."""
         return self.state_dir / "keys"
+
+
+_SWITCH = ("auto", "on", "off")
+_CHOICES = {
+    "runtime": ("torch", "coreml"), "compute_units": ("auto", "cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly"),
+    "precision": ("auto", "fp16", "bf16", "fp32"), "compile": _SWITCH, "cuda_graphs": _SWITCH,
+    "channels_last": _SWITCH, "device_loop": _SWITCH,
+}
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
@@ -83,7 +100,7 @@ def load(path: Path | None = None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read config {path}: {exc}") from None
     kinds = {f.name: f.type for f in fields(Config)}
-    types = {"str": str, "int": int, "float": float, "Path": Path}
+    types = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in kinds:
@@ -98,4 +115,10 @@ def load(path: Path | None = None) -> Config:
             values[key] = Limits(**{k: _typed(f"limits.{k}", v, types[limit_kinds[k]]) for k, v in value.items()})
         else:
             values[key] = _typed(key, value, types[kinds[key]])
-    return Config(**values)
+    for key, allowed in _CHOICES.items():
+        if key in values and values[key] not in allowed:
+            raise ValueError(f"config {path}: {key} must be one of {', '.join(allowed)}; got {values[key]!r}")
+    config = Config(**values)
+    if not config.local_worker and not config.tcp:
+        raise ValueError(f"config {path}: local_worker = false needs tcp: no remote worker could reach this daemon")
+    return config

@@ -17,8 +17,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from . import schedulers
+from . import linear_steps, schedulers
 from .errors import Cancelled, InvalidParameter
+from .coreml_model import CoreMLFolder
 from .model import ModelFolder
 from .noise import RNGS, noise_source
 from .runtimes import Runtime
@@ -81,7 +82,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def resolve(request: Request, model: ModelFolder | None, limits: Limits = Limits()) -> Request:
+def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = Limits()) -> Request:
     """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed.
 
     Without the model (a Hub model not downloaded yet) what depends on it — the default size, the
@@ -120,6 +121,10 @@ def resolve(request: Request, model: ModelFolder | None, limits: Limits = Limits
         return replace(r, seed=seed, width=width, height=height)
     width = width or model.default_size
     height = height or model.default_size
+    if model.fixed_size:
+        for name, value in (("width", width), ("height", height)):
+            _check(value == model.default_size, name, f"this Core ML model was converted for "
+                   f"{model.default_size}x{model.default_size}; convert it again for another size")
     for name, value in (("width", width), ("height", height)):
         _check(_is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0 and value % factor == 0, name,
                f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")
@@ -130,7 +135,7 @@ def resolve(request: Request, model: ModelFolder | None, limits: Limits = Limits
 
 
 @lru_cache(maxsize=1024)
-def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder) -> tuple[str, str] | None:
+def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder | CoreMLFolder) -> tuple[str, str] | None:
     """The field and reason when the scheduler refuses this model's config or this step count;
     cached, since the daemon asks at every submit."""
     try:
@@ -145,7 +150,7 @@ def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder) -> tuple[
 
 
 class Pipeline:
-    def __init__(self, model: ModelFolder, runtime: Runtime, limits: Limits = Limits()) -> None:
+    def __init__(self, model: ModelFolder | CoreMLFolder, runtime: Runtime, limits: Limits = Limits()) -> None:
         self.model = model
         self.runtime = runtime
         self.limits = limits
@@ -155,7 +160,8 @@ class Pipeline:
             import transformers
 
             processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-            self.feature_extractor = processor.from_pretrained(str(model.feature_extractor_dir))
+            folder = model.feature_extractor_dir  # None: CLIP's standard preprocessing (Apple's models)
+            self.feature_extractor = processor.from_pretrained(str(folder)) if folder else processor()
 
     def generate(
         self,
@@ -190,18 +196,27 @@ class Pipeline:
             latents = scheduler.add_noise(self._encode_image(r, noise), noise(shape), timesteps[0])
         timings = {"prepare": time.perf_counter() - started}
 
-        for i, t in enumerate(timesteps):
+        def check(i: int) -> None:
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled after {i} of {len(timesteps)} steps")
-            model_input = np.concatenate([latents, latents]) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            prediction = self.runtime.predict_noise(model_input, t, embeds)
-            if guided:
-                uncond, cond = np.split(prediction, 2)
-                prediction = uncond + np.float32(r.guidance_scale) * (cond - uncond)
-            latents = scheduler.step(prediction, t, latents, noise)
-            if on_step is not None:
-                on_step(i + 1, len(timesteps), latents)
+
+        # A runtime that runs the loop on its device gets the scheduler as a coefficient table
+        # traced from this very scheduler (linear_steps); noise-drawing or clipping ones stay here.
+        plan = linear_steps.trace(scheduler, timesteps) if getattr(self.runtime, "device_loop", False) else None
+        if plan is not None:
+            latents = self.runtime.denoise(latents, embeds, plan, r.guidance_scale if guided else None, check, on_step)
+        else:
+            for i, t in enumerate(timesteps):
+                check(i)
+                model_input = np.concatenate([latents, latents]) if guided else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                prediction = self.runtime.predict_noise(model_input, t, embeds)
+                if guided:
+                    uncond, cond = np.split(prediction, 2)
+                    prediction = uncond + np.float32(r.guidance_scale) * (cond - uncond)
+                latents = scheduler.step(prediction, t, latents, noise)
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps), latents)
         timings["denoise"] = time.perf_counter() - started - timings["prepare"]
 
         decoded = self.runtime.decode(latents / np.float32(self.model.scaling_factor))

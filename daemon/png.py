@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -43,15 +44,22 @@ def infotext(request: Request, model: str, index: int = 0, flagged: bool = False
     return format_infotext(Infotext(request.prompt, request.negative_prompt, params))
 
 
-def write_png(path: Path, image: np.ndarray, parameters: str) -> Path:
-    """Write temp + fsync + rename: readers see the whole PNG or none."""
-    path = Path(path)
+def encode_png(image: np.ndarray, parameters: str) -> bytes:
+    """A PNG with its settings in the `parameters` text chunk, as A1111 and ComfyUI read them."""
     meta = PngInfo()
     meta.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write temp + fsync + rename: readers see the whole file or none."""
+    path = Path(path)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
-            Image.fromarray(image).save(file, format="PNG", pnginfo=meta)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
@@ -66,17 +74,39 @@ def write_png(path: Path, image: np.ndarray, parameters: str) -> Path:
     return path
 
 
+def write_png(path: Path, image: np.ndarray, parameters: str) -> Path:
+    return write_atomic(path, encode_png(image, parameters))
+
+
 def read_parameters(path: Path) -> str:
     with Image.open(path) as image:
         return image.text.get("parameters", "") if hasattr(image, "text") else ""
+
+
+def encode_result(result: Result, model: str) -> list[bytes]:
+    """A result's images as PNGs, each with the infotext that reproduces it."""
+    return [encode_png(image, infotext(result.request, model, i, result.flagged[i], result.dropped_prompt))
+            for i, image in enumerate(result.images)]
 
 
 def save_result(result: Result, model: str, first_path: Path) -> list[Path]:
     """Write a job's images as NAME.png, NAME-2.png, …"""
     first_path = Path(first_path)
     paths = []
-    for i, image in enumerate(result.images):
+    for i, data in enumerate(encode_result(result, model)):
         path = first_path if i == 0 else first_path.with_name(f"{first_path.stem}-{i + 1}{first_path.suffix}")
-        text = infotext(result.request, model, i, result.flagged[i], result.dropped_prompt)
-        paths.append(write_png(path, image, text))
+        paths.append(write_atomic(path, data))
+    return paths
+
+
+def write_job_outputs(folder: Path, job_id: str, pngs: list[bytes]) -> list[str]:
+    """A job's PNGs named by its id: a rerun after a crash replaces them instead of adding more."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, data in enumerate(pngs):
+        path = folder / (f"{job_id}.png" if i == 0 else f"{job_id}-{i + 1}.png")
+        for stale in folder.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a crash's half-written file of this very output
+        paths.append(str(write_atomic(path, data)))
     return paths

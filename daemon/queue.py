@@ -171,10 +171,13 @@ class JobQueue:
         row = self.db.execute("SELECT init_image FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None
 
-    def claim_next(self) -> Job | None:
-        """The next job by priority, then FIFO, now running; None when nothing is queued."""
+    def claim_next(self, named_models_only: bool = False) -> Job | None:
+        """The next job by priority, then FIFO, now running; None when nothing is queued.
+        `named_models_only` is for remote workers: jobs whose model is a folder on this machine
+        (a path: /…, ~…, .…) are left for the local worker."""
+        portable = " AND substr(model, 1, 1) NOT IN ('/', '~', '.')" if named_models_only else ""
         with self.transaction():
-            job = self._one("state = 'queued' ORDER BY priority DESC, position LIMIT 1")
+            job = self._one(f"state = 'queued'{portable} ORDER BY priority DESC, position LIMIT 1")
             if job is None:
                 return None
             self.db.execute(

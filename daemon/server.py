@@ -33,11 +33,13 @@ from diffusiond.clients.protocol import (
 )
 from PIL import Image
 
-from . import catalog, coreml_layout, schedulers, store
+from . import catalog, schedulers, store
 from .coreml_layout import COMPUTE_UNITS
 from .downloader import Downloader
-from .hardware import hardware_facts
+from .compute_units import choose
+from .hardware import this_machine
 from .config import Config
+from .dispatch import MAX_RESULT_BYTES, RemoteWorkers
 from .errors import EngineError, ModelNotDownloaded
 from .model import ALIASES, ModelFolder
 from .notify import notify
@@ -92,10 +94,13 @@ class Server:
             self._model(self.config.model)  # a missing default model stops the start, with the reason
         self.context = zmq.Context()
         router, events = bind(self.context, runtime_dir)
-        self.routers, self.publishers, authenticator = [router], [events], None
+        self.routers, self.publishers, authenticator, worker_socket = [router], [events], None, None
         if self.config.tcp:
-            tcp_router, tcp_events, authenticator = bind_tcp(self.context, self.config.tcp, self.config.keys_dir)
+            tcp_router, tcp_events, worker_socket, authenticator = bind_tcp(
+                self.context, self.config.tcp, self.config.keys_dir
+            )
             tcp_router.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_BYTES)
+            worker_socket.setsockopt(zmq.MAXMSGSIZE, MAX_RESULT_BYTES)
             self.routers.append(tcp_router)
             self.publishers.append(tcp_events)
         pull = self.context.socket(zmq.PULL)
@@ -105,6 +110,12 @@ class Server:
         if requeued or cancelled:
             log.info("recovered after a crash: %d jobs queued again, %d cancelled", len(requeued), len(cancelled))
         self.worker = Worker(self.config, self.context)
+        self.remote_workers = None
+        if worker_socket is not None:
+            self.remote_workers = RemoteWorkers(
+                worker_socket, self.queue, self._publish, self.config.worker_timeout,
+                lambda: any(p.startswith(b"preview") for p in self.worker.preview_prefixes),
+            )
         self.worker.start()
         self.downloader = Downloader(self.context, self.config.device)
         self.downloader.start()
@@ -113,7 +124,7 @@ class Server:
         log.info("listening in %s (pid %d); loading %s", runtime_dir, os.getpid(), self.config.model)
 
         poller = zmq.Poller()
-        for socket in (*self.routers, pull, *self.publishers):
+        for socket in (*self.routers, pull, *self.publishers, *([worker_socket] if worker_socket else [])):
             poller.register(socket, zmq.POLLIN)
         exit_code = 0
         try:
@@ -127,6 +138,10 @@ class Server:
                 for router in self.routers:
                     if router in ready:
                         self._requests(router)
+                if self.remote_workers is not None:
+                    if worker_socket in ready:
+                        self.remote_workers.receive()
+                    self.remote_workers.tick()
                 if not self.worker.is_alive():
                     log.error("the worker stopped; exiting so the service manager restarts the daemon")
                     exit_code = 1
@@ -137,6 +152,8 @@ class Server:
             if self.downloader.active:
                 self.downloader.cancel(self.downloader.active)  # files that arrived whole stay cached
             self.downloader.stop()
+            if self.remote_workers is not None:
+                self.remote_workers.stop()
             self.worker.stop()
             self.worker.join(timeout=60)
             self.downloader.join(timeout=10)
@@ -145,7 +162,7 @@ class Server:
             self.queue.close()
             if authenticator is not None:
                 authenticator.stop()
-            for socket in (*self.routers, *self.publishers, pull):
+            for socket in (*self.routers, *self.publishers, pull, *([worker_socket] if worker_socket else [])):
                 socket.close(linger=0)
             self.context.term()
             os.close(lock)
@@ -214,11 +231,14 @@ class Server:
             replies = [self._answer(frames) for frames in batch]
         for reply in replies:
             router.send_multipart(reply)
-        if self.outbox:  # jobs were queued or the queue resumed: the worker may have work
-            self.worker.wake.set()
+        work = bool(self.outbox)  # jobs were queued or the queue resumed: a worker may have work
         for topic, body in self.outbox:
             self._publish(topic, body)
         self.outbox.clear()
+        if work:
+            self.worker.wake.set()
+            if self.remote_workers is not None:
+                self.remote_workers.dispatch()
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         """Frames of the reply to one request: [identity, reply] (REQ peers: [identity, b"", reply])."""
@@ -271,6 +291,7 @@ class Server:
             "version": DAEMON_VERSION, "protocol": VERSION, "ready": self.worker.ready.is_set(),
             "models": {"loaded": self.worker.loaded, "loading": self.worker.loading},
             "queue": self.queue.counts(), "paused": self.queue.paused(), "pid": os.getpid(),
+            "workers": self.remote_workers.names() if self.remote_workers is not None else [],
         }
 
     def _op_submit(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +386,8 @@ class Server:
             return {"cancelled": ids}
         job = self.queue.cancel(_field(message, "job", str, ""))
         if job.state == "running":
-            self.worker.cancel(job.id)  # it stops before its next step and says so
+            if self.remote_workers is None or not self.remote_workers.cancel(job.id):
+                self.worker.cancel(job.id)  # it stops before its next step and says so
         else:
             self.outbox.append((f"job.{job.id}".encode(), {"type": "job.cancelled", "job": job.id}))
         return {"job": job.to_wire()}
@@ -407,12 +429,12 @@ class Server:
 
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
         name = catalog.repo_for(_field(message, "model", str, ""))
-        units = _field(message, "compute_units", str, "auto")
+        units = _field(message, "compute_units", str, self.config.compute_units)
         if units not in COMPUTE_UNITS:
             raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNITS)}")
         if not store.is_hub_id(name):
             raise ProtocolError(Code.INVALID_PARAMETER, f"model: {name!r} is not a Hub id (org/name) or a catalog alias")
-        self.downloader.pull(name, coreml_layout.auto_compute_units(*hardware_facts()) if units == "auto" else units)
+        self.downloader.pull(name, choose(units, self.config.state_dir, this_machine(), name))
         return {"pulling": name, "topic": f"model.{name}"}
 
     def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:

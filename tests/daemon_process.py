@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,28 @@ import zmq
 from diffusiond.clients.protocol import endpoints
 
 
+def free_port() -> int:
+    """A port with the two after it free too (requests, events, workers); loopback only."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for offset in (1, 2):
+                    with socket.socket() as other:
+                        other.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no three free consecutive ports")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
 class Daemon:
     def __init__(self, home: Path, **settings: Any) -> None:
         self.home = home
@@ -26,7 +49,7 @@ class Daemon:
         self.config = home / "config.toml"
         lines = [f'runtime_dir = "{self.runtime_dir}"', f'state_dir = "{home / "state"}"',
                  f'output_dir = "{self.output_dir}"']
-        lines += [f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"' for key, value in settings.items()]
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.request_endpoint, self.event_endpoint = endpoints(self.runtime_dir)
         self.process: subprocess.Popen | None = None

@@ -14,26 +14,11 @@ import zmq.auth
 
 from diffusiond.clients import Client, DaemonUnreachable, RequestFailed
 
-from .daemon_process import Daemon
+from .daemon_process import Daemon, free_port
 
 
-def free_port() -> int:
-    """Two free consecutive ports (requests, events); loopback only."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no two free consecutive ports")
-
-
-def keys(daemon: Daemon, client: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffusiond.daemon.cli", "keys", "--client", client, "--config",
+def keys(daemon: Daemon, client: str, role: str = "client") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffusiond.daemon.cli", "keys", f"--{role}", client, "--config",
                            str(daemon.config)], capture_output=True, text=True, timeout=60)
 
 

@@ -1,0 +1,240 @@
+"""The daemon's side of remote workers: who is connected, which job each runs, heartbeats both ways.
+
+A remote worker (`diffusiond worker --connect`, daemon/remote_worker.py) is a DEALER on the
+daemon's worker port (TCP port + 2, CurveZMQ, keys in allowed_workers/). They talk in msgpack
+maps with an `op` (docs/protocol.md, "Remote workers"):
+
+    worker → daemon: hello {v, name}, ready, heartbeat, event {topic, body},
+                     done {job, pngs, summary}, failed {job, code, message}, cancelled {job},
+                     requeue {job, reason}
+    daemon → worker: welcome {heartbeat, timeout}, job {job, attempt, model, params, init_image,
+                     previews}, cancel {job}, heartbeat, reset
+
+The queue stays the record: a job handed out is `running` in SQLite like a local one. A worker
+silent for `worker_timeout` seconds is lost and its job goes back to the queue at its old place;
+a result that arrives for a job the worker no longer holds is dropped, so a job ends once. The
+daemon writes the images itself (the same atomic write, the same names by job id as local jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from diffusiond.clients.protocol import DAEMON_TOPIC, Code, ProtocolError, pack, unpack
+
+from .png import write_job_outputs
+from .queue import JobQueue
+
+log = logging.getLogger("diffusiond.dispatch")
+WORKER_PROTOCOL = 1
+HEARTBEAT = 1.0  # seconds between heartbeats, each way
+MAX_RESULT_BYTES = 512 * 1024 * 1024  # one worker message: up to 16 images of 2048² as PNG
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SUMMARY_FIELDS = ("seed", "width", "height", "flagged", "prompt_dropped", "timings")
+_WORKER_EVENTS = {"job.progress", "job.preview", "model.downloading", "model.download", "model.downloaded",
+                  "model.loading", "model.compiling", "model.compiled", "model.loaded", "model.unloaded"}
+
+Publish = Callable[[bytes, dict[str, Any]], None]
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    name: str
+    seen: float
+    idle: bool = False
+    job: str | None = None
+
+
+class RemoteWorkers:
+    """Owned by the server's thread: it shares the server's queue connection and publisher."""
+
+    def __init__(self, socket: zmq.Socket, queue: JobQueue, publish: Publish, timeout: float,
+                 previews: Callable[[], bool]) -> None:
+        self.socket = socket
+        self.queue = queue
+        self.publish = publish
+        self.timeout = timeout
+        self.previews = previews
+        self.peers: dict[bytes, Peer] = {}
+        self.last_beat = 0.0
+
+    def names(self) -> list[dict[str, Any]]:
+        return [{"name": p.name, "job": p.job} for p in self.peers.values()]
+
+    def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        try:
+            self.socket.send_multipart([identity, pack(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("worker %r is not reading; a message to it was dropped", identity)
+
+    # -- from the workers --------------------------------------------------------------------
+
+    def receive(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            identity, body = frames
+            try:
+                message = unpack(body)
+                if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+                    raise ProtocolError(Code.BAD_MESSAGE, "a worker message is a map with an op")
+                self._handle(identity, message)
+            except ProtocolError as exc:
+                log.warning("dropped a message from worker %r: %s", identity, exc.message)
+
+    def _handle(self, identity: bytes, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "hello":
+            self._hello(identity, message)
+            return
+        peer = self.peers.get(identity)
+        if peer is None:  # this daemon restarted, or had given the worker up: it must say hello again
+            self._send(identity, {"op": "reset"})
+            return
+        peer.seen = time.monotonic()
+        if op == "heartbeat":
+            return
+        if op == "ready":
+            if peer.job is not None:
+                self._requeue(peer, f"worker {peer.name} dropped it")
+            peer.idle = True
+            self.dispatch()
+            return
+        if op == "event":
+            self._event(peer, message)
+            return
+        job_id = message.get("job")
+        if job_id is None or job_id != peer.job:
+            log.info("worker %s reported on job %r, which it does not hold; ignored", peer.name, job_id)
+            return
+        peer.job = None
+        if op == "done":
+            self._done(peer, job_id, message)
+        elif op == "failed":
+            code, text = str(message.get("code", Code.INTERNAL)), str(message.get("message", ""))
+            self.queue.fail(job_id, code, f"{text} (on worker {peer.name})")
+            self.publish(f"job.{job_id}".encode(), {"type": "job.failed", "job": job_id, "code": code,
+                                                    "message": text, "worker": peer.name})
+        elif op == "cancelled":
+            self.queue.cancelled(job_id)
+            self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id, "worker": peer.name})
+        elif op == "requeue":
+            peer.job = job_id
+            self._requeue(peer, str(message.get("reason", f"worker {peer.name} gave it back")))
+        else:
+            peer.job = job_id
+            log.warning("worker %s sent an unknown op %r", peer.name, op)
+
+    def _hello(self, identity: bytes, message: dict[str, Any]) -> None:
+        name = str(message.get("name", "worker"))[:64]
+        if message.get("v") != WORKER_PROTOCOL:
+            self._send(identity, {"op": "refused", "reason": f"this daemon speaks worker protocol {WORKER_PROTOCOL}"})
+            return
+        old = self.peers.get(identity)
+        if old is not None and old.job is not None:
+            self._requeue(old, f"worker {old.name} started again")
+        self.peers[identity] = Peer(identity, name, time.monotonic())
+        self._send(identity, {"op": "welcome", "heartbeat": HEARTBEAT, "timeout": self.timeout})
+        log.info("worker %s joined", name)
+        self.publish(DAEMON_TOPIC, {"type": "worker.joined", "worker": name})
+
+    def _event(self, peer: Peer, message: dict[str, Any]) -> None:
+        """Progress and model events, republished as the daemon's own, marked with the worker."""
+        topic, body = message.get("topic"), message.get("body")
+        if not isinstance(topic, bytes) or not isinstance(body, dict) or body.get("type") not in _WORKER_EVENTS:
+            return
+        own_job = peer.job is not None and topic in (f"job.{peer.job}".encode(), f"preview.{peer.job}".encode())
+        if own_job or topic.startswith(b"model."):
+            self.publish(topic, {**body, "worker": peer.name})
+
+    def _done(self, peer: Peer, job_id: str, message: dict[str, Any]) -> None:
+        job = self.queue.get(job_id)
+        pngs = message.get("pngs")
+        if (not isinstance(pngs, list) or not 0 < len(pngs) <= job.params.get("count", 1)
+                or not all(isinstance(p, bytes) and p.startswith(_PNG_SIGNATURE) for p in pngs)):
+            self._fail(job_id, Code.INTERNAL, f"worker {peer.name} sent a result that is not the job's PNGs")
+            return
+        try:
+            outputs = write_job_outputs(Path(job.output_dir), job_id, pngs)
+        except OSError as exc:
+            self._fail(job_id, Code.OUTPUT_ERROR, f"cannot write the image: {exc}")
+            return
+        raw = message.get("summary") if isinstance(message.get("summary"), dict) else {}
+        summary = {key: raw[key] for key in _SUMMARY_FIELDS if key in raw}
+        self.queue.done(job_id, outputs, {**summary, "worker": peer.name})
+        self.publish(f"job.{job_id}".encode(), {"type": "job.done", "job": job_id, "outputs": outputs, **summary,
+                                                "worker": peer.name})
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        self.queue.fail(job_id, code, message)
+        self.publish(f"job.{job_id}".encode(), {"type": "job.failed", "job": job_id, "code": code, "message": message})
+
+    def _requeue(self, peer: Peer, reason: str) -> None:
+        job_id, peer.job = peer.job, None
+        job = self.queue.get(job_id)
+        if job.cancel_requested:
+            self.queue.cancelled(job_id)
+            self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id})
+            return
+        self.queue.requeue(job_id)
+        log.info("job %s queued again: %s", job_id, reason)
+        self.publish(f"job.{job_id}".encode(), {"type": "job.requeued", "job": job_id, "reason": reason})
+
+    # -- to the workers ----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Heartbeats out, silent workers given up, idle ones given work; called every loop."""
+        now = time.monotonic()
+        for peer in [p for p in self.peers.values() if now - p.seen > self.timeout]:
+            del self.peers[peer.identity]
+            log.warning("worker %s lost: silent for %.0fs", peer.name, now - peer.seen)
+            self.publish(DAEMON_TOPIC, {"type": "worker.lost", "worker": peer.name})
+            if peer.job is not None:
+                self._requeue(peer, f"worker {peer.name} lost")
+        if now - self.last_beat >= HEARTBEAT:
+            self.last_beat = now
+            for identity in self.peers:
+                self._send(identity, {"op": "heartbeat"})
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        idle = [p for p in self.peers.values() if p.idle]
+        if not idle or self.queue.paused():
+            return
+        for peer in idle:
+            job = self.queue.claim_next(named_models_only=True)
+            if job is None:
+                return
+            peer.idle, peer.job = False, job.id
+            self._send(peer.identity, {
+                "op": "job", "job": job.id, "attempt": job.attempts, "model": job.model, "params": job.params,
+                "init_image": self.queue.init_image(job.id), "previews": self.previews(),
+            })
+            self.publish(f"job.{job.id}".encode(), {"type": "job.started", "job": job.id, "attempt": job.attempts,
+                                                    "worker": peer.name})
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the worker running the job to stop it; False when no remote worker runs it."""
+        for peer in self.peers.values():
+            if peer.job == job_id:
+                self._send(peer.identity, {"op": "cancel", "job": job_id})
+                return True
+        return False
+
+    def stop(self) -> None:
+        """The daemon is stopping: remote jobs back to the queue, their workers told to drop them."""
+        for peer in self.peers.values():
+            if peer.job is not None:
+                self._send(peer.identity, {"op": "cancel", "job": peer.job})
+                self._requeue(peer, "daemon stopping")

@@ -1,0 +1,108 @@
+"""Warm models: pipelines kept loaded between jobs, downloaded and loaded on demand.
+
+The daemon's worker thread and a remote worker (`diffusiond worker`) both run jobs through one.
+Loading is the slow part, so every phase is an event on `model.NAME`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import catalog, store
+from .config import Config
+from .errors import ModelNotDownloaded
+from .model import ModelFolder
+from .pipeline import Pipeline
+
+log = logging.getLogger("diffusiond.warm")
+Emit = Callable[[bytes, dict[str, Any]], None]
+
+
+class WarmModels:
+    """At most `max_loaded` pipelines, least recently used first; idle ones unloaded after `idle_unload`."""
+
+    def __init__(self, config: Config, emit: Emit) -> None:
+        self.config = config
+        self.emit = emit
+        self.loading: str | None = None
+        self.pipelines: OrderedDict[str, Pipeline] = OrderedDict()
+        self.last_used: dict[str, float] = {}
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.pipelines)
+
+    def get(self, name: str, cancelled: Callable[[], bool] = lambda: False) -> Pipeline:
+        """The model's warm pipeline, loaded (and downloaded) first when it is not."""
+        if name not in self.pipelines:
+            self.load(name, cancelled)
+        self.pipelines.move_to_end(name)
+        self.last_used[name] = time.monotonic()
+        return self.pipelines[name]
+
+    def touch(self, name: str) -> None:
+        self.last_used[name] = time.monotonic()
+
+    def load(self, name: str, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Load a model, downloading it first when it is a Hub model not yet in the cache."""
+        self.loading = name
+        try:
+            self._load(name, cancelled)
+        finally:
+            self.loading = None
+
+    def _load(self, name: str, cancelled: Callable[[], bool]) -> None:
+        from .compute_units import choose
+        from .hardware import this_machine
+        from .runtimes import open_runtime
+        from .runtimes.torch_runtime import pick_device
+
+        topic = f"model.{name}".encode()
+        try:
+            model = ModelFolder.open(name)
+        except ModelNotDownloaded:
+            gpu = pick_device(self.config.device).type != "cpu"
+            self.emit(topic, {"type": "model.downloading", "model": name})
+            units = choose(self.config.compute_units, self.config.state_dir, this_machine(), name)
+            store.pull(
+                catalog.repo_for(name), gpu, lambda progress: self.emit(topic, {"type": "model.download", **progress}),
+                cancelled, units,
+            )
+            model = ModelFolder.open(name)
+            self.emit(topic, {"type": "model.downloaded", "model": name, "path": str(model.path)})
+        while len(self.pipelines) >= self.config.max_loaded:  # room first: two big models may not fit
+            self.unload(next(iter(self.pipelines)), "least recently used")
+        self.emit(topic, {"type": "model.loading", "model": name})
+        started = time.monotonic()
+        options = {}
+        if model.runtime == "torch":  # a Mac running Core ML models only may have no torch
+            from .runtimes.torch_runtime import TorchSettings
+
+            options["settings"] = TorchSettings.from_config(self.config)
+        runtime = open_runtime(model, self.config.runtime, self.config.device, self.config.compute_units,
+                               model.has_safety_checker, self.config.state_dir, **options)
+        if getattr(runtime, "has_warm_up", False):
+            # Compiling and capturing graphs for the model's own size: paid once, here, not by a job.
+            self.emit(topic, {"type": "model.compiling", "model": name})
+            seconds = runtime.warm_up(model.default_size, model.default_size)
+            self.emit(topic, {"type": "model.compiled", "model": name, "seconds": seconds})
+        self.pipelines[name] = Pipeline(model, runtime, self.config.limits)
+        self.last_used[name] = time.monotonic()
+        seconds = time.monotonic() - started
+        log.info("model %s loaded in %.1fs", name, seconds)
+        self.emit(topic, {"type": "model.loaded", "model": name, "seconds": seconds})
+
+    def unload(self, name: str, reason: str) -> None:
+        del self.pipelines[name], self.last_used[name]
+        log.info("model %s unloaded (%s)", name, reason)
+        self.emit(f"model.{name}".encode(), {"type": "model.unloaded", "model": name, "reason": reason})
+
+    def unload_idle(self) -> None:
+        if self.config.idle_unload > 0:
+            now = time.monotonic()
+            for name in [n for n, used in self.last_used.items() if now - used >= self.config.idle_unload]:
+                self.unload(name, f"idle for {self.config.idle_unload:g}s")

@@ -1,0 +1,185 @@
+"""Remote workers: another machine's capacity behind the daemon's queue, over CurveZMQ.
+
+Both ends are real processes on loopback: the daemon (`local_worker = false`, so every job must
+go through a remote worker) and `diffusiond worker` subprocesses; kill -9 is the crash.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+
+from diffusiond.daemon.png import read_parameters
+from diffusiond.daemon.queue import JobQueue
+
+from .daemon_process import Daemon, free_port
+from .test_remote import keys
+
+SMALL = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, "seed": 7}
+LONG = {"prompt": "a long one", "width": 128, "height": 128, "steps": 40, "seed": 8}  # ~1 s: time to kill it
+
+
+class Worker:
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        folder = daemon.home / "state" / "keys"
+        self.log = daemon.home / f"worker-{name}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "diffusiond.daemon.cli", "worker", "--connect", f"tcp://127.0.0.1:{daemon.port}",
+             "--server-key", str(folder / "server.key"), "--worker-key", str(folder / f"{name}.key_secret"),
+             "--name", name, "--config", str(daemon.home / "worker.toml")],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A daemon that runs no job itself, with keys for two workers; workers start in the test."""
+    port = free_port()
+    daemon = Daemon(tmp_path / "d", tcp=f"127.0.0.1:{port}", local_worker=False, worker_timeout=3.0)
+    daemon.port = port
+    (daemon.home / "worker.toml").write_text(f'state_dir = "{daemon.home / "worker-state"}"\n')
+    for name in ("gpu1", "gpu2"):
+        made = keys(daemon, name, "worker")
+        assert made.returncode == 0, made.stderr
+    made = keys(daemon, "laptop")
+    assert made.returncode == 0, made.stderr
+    daemon.start()
+    workers: list[Worker] = []
+    daemon.worker = lambda name: workers.append(Worker(daemon, name)) or workers[-1]
+    yield daemon
+    for worker in workers:
+        worker.stop()
+    daemon.close()
+
+
+def wait_joined(daemon: Daemon, events: zmq.Socket, *names: str, timeout: float = 120) -> None:
+    waiting = set(names)
+    while waiting:
+        joined = daemon.wait_for(events, lambda e: e.get("type") == "worker.joined", timeout)
+        waiting.discard(joined["worker"])
+
+
+def test_a_remote_worker_runs_jobs_and_reports_through_the_daemon(cluster) -> None:
+    events = cluster.subscribe(b"daemon", b"job.")
+    cluster.worker("gpu1")
+    wait_joined(cluster, events, "gpu1")
+    assert [w["name"] for w in cluster.call("ping")["workers"]] == ["gpu1"]
+
+    job_id = cluster.call("submit", **SMALL)["job"]["id"]
+    seen = []
+    while not seen or seen[-1]["type"] not in ("job.done", "job.failed"):
+        seen.append(cluster.wait_for(events, lambda e: e.get("job") == job_id))
+    kinds = [e["type"] for e in seen]
+    assert kinds[:2] == ["job.queued", "job.started"] and kinds[-1] == "job.done", kinds
+    assert [e["step"] for e in seen if e["type"] == "job.progress"] == [1, 2, 3, 4]
+    assert all(e["worker"] == "gpu1" for e in seen[1:])
+
+    job = cluster.call("get", job=job_id)["job"]
+    assert job["state"] == "done" and job["result"]["worker"] == "gpu1"
+    assert job["outputs"] == [str(cluster.output_dir / f"{job_id}.png")]
+    text = read_parameters(Path(job["outputs"][0]))
+    assert text.startswith("a lighthouse at dusk") and "Seed: 7" in text and "Size: 64x64" in text
+
+
+def test_a_worker_killed_mid_job_has_its_job_requeued_and_done_once(cluster) -> None:
+    events = cluster.subscribe(b"daemon", b"job.")
+    workers = {name: cluster.worker(name) for name in ("gpu1", "gpu2")}
+    wait_joined(cluster, events, *workers)
+    job_id = cluster.call("submit", **LONG)["job"]["id"]
+    started = cluster.wait_for(events, lambda e: e.get("type") == "job.started" and e.get("job") == job_id, 60)
+    victim, survivor = started["worker"], ({"gpu1", "gpu2"} - {started["worker"]}).pop()
+    cluster.wait_for(events, lambda e: e.get("type") == "job.progress" and e.get("job") == job_id, 120)
+    workers[victim].kill()
+
+    lost = time.monotonic()
+    requeued = cluster.wait_for(events, lambda e: e.get("type") == "job.requeued" and e.get("job") == job_id, 30)
+    assert requeued["reason"] == f"worker {victim} lost"
+    assert time.monotonic() - lost < 3.0 + 2.5  # worker_timeout, and a heartbeat's slack
+
+    done = cluster.wait_for(events, lambda e: e.get("type") in ("job.done", "job.failed") and e.get("job") == job_id, 180)
+    assert done["type"] == "job.done" and done["worker"] == survivor
+    job = cluster.call("get", job=job_id)["job"]
+    assert job["state"] == "done" and job["attempts"] == 2
+    assert cluster.outputs() == [f"{job_id}.png"]  # no second file, no half-written one
+
+
+def test_the_worker_rejoins_a_daemon_that_was_killed_and_restarted(cluster) -> None:
+    events = cluster.subscribe(b"daemon", b"job.")
+    cluster.worker("gpu1")
+    wait_joined(cluster, events, "gpu1")
+    job_id = cluster.call("submit", **LONG)["job"]["id"]
+    cluster.wait_for(events, lambda e: e.get("type") == "job.progress" and e.get("job") == job_id, 120)
+    cluster.kill()  # the worker's job is `running` in SQLite: the restart queues it again
+
+    cluster.start()
+    events = cluster.subscribe(b"daemon", b"job.")
+    job = cluster.wait_job(job_id, timeout=180)
+    assert job["state"] == "done" and job["result"]["worker"] == "gpu1" and job["attempts"] == 2
+    assert cluster.outputs() == [f"{job_id}.png"]
+    second = cluster.call("submit", **SMALL)["job"]["id"]
+    assert cluster.wait_job(second, timeout=60)["state"] == "done"
+
+
+def test_a_client_key_cannot_take_jobs(cluster) -> None:
+    folder = cluster.home / "state" / "keys"
+    server_public, _ = zmq.auth.load_certificate(str(folder / "server.key"))
+    public, secret = zmq.auth.load_certificate(str(folder / "laptop.key_secret"))
+    link = cluster.context.socket(zmq.DEALER)
+    link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_public, public, secret
+    link.setsockopt(zmq.LINGER, 0)
+    link.setsockopt(zmq.SNDTIMEO, 2000)
+    link.connect(f"tcp://127.0.0.1:{cluster.port + 2}")
+    cluster.call("submit", **SMALL)
+    try:
+        link.send(msgpack.packb({"op": "hello", "v": 1, "name": "intruder"}))
+    except zmq.Again:
+        pass  # the handshake never completes: nothing can even be sent
+    assert not link.poll(2000), "a client key was welcomed as a worker"
+    deadline = time.monotonic() + 10
+    while "refused a TCP worker whose key is not allowed: " + public.decode() not in cluster.log.read_text():
+        assert time.monotonic() < deadline, cluster.log.read_text()
+        time.sleep(0.05)
+    assert cluster.call("ping")["workers"] == []
+    link.close()
+
+
+def test_cancel_reaches_the_worker_and_it_takes_the_next_job(cluster) -> None:
+    events = cluster.subscribe(b"daemon", b"job.")
+    cluster.worker("gpu1")
+    wait_joined(cluster, events, "gpu1")
+    long_id = cluster.call("submit", **LONG)["job"]["id"]
+    cluster.wait_for(events, lambda e: e.get("type") == "job.progress" and e.get("job") == long_id, 120)
+    next_id = cluster.call("submit", **SMALL)["job"]["id"]
+    cluster.call("cancel", job=long_id)
+    cancelled = cluster.wait_for(events, lambda e: e.get("job") == long_id and e["type"] in ("job.cancelled", "job.done"))
+    assert cancelled["type"] == "job.cancelled" and cancelled["worker"] == "gpu1"
+    assert cluster.wait_job(next_id)["state"] == "done"
+    assert cluster.call("get", job=long_id)["job"]["state"] == "cancelled"
+    assert cluster.outputs() == [f"{next_id}.png"]
+
+
+def test_jobs_for_a_folder_on_the_daemon_machine_stay_with_its_own_worker(tmp_path) -> None:
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    folder_job, _ = queue.submit({"prompt": "a"}, "/models/mine", str(tmp_path), 5, None, None, 100)
+    home_job, _ = queue.submit({"prompt": "b"}, "~/models/mine", str(tmp_path), 5, None, None, 100)
+    named_job, _ = queue.submit({"prompt": "c"}, "sd15", str(tmp_path), 0, None, None, 100)
+    assert queue.claim_next(named_models_only=True).id == named_job.id  # despite its lower priority
+    assert queue.claim_next(named_models_only=True) is None
+    assert [queue.claim_next().id for _ in range(2)] == [folder_job.id, home_job.id]
+    queue.close()
