@@ -60,12 +60,18 @@ class Repo:
         self.sha = hashlib.sha1(json.dumps(self.oids, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Hold:
+    reached: threading.Event  # set when the held GET has sent its headers
+    release: threading.Event
+
+
 class FakeHub:
     """Serves `repos` ({"org/name": folder}) on 127.0.0.1 from a background thread, while used as a context manager.
 
     `gated` maps a repo id to the token its files require (`Authorization: Bearer <token>`); its listings stay public,
     as on the Hub. `requests` logs every request (appended from the server's threads: read it between client calls);
-    `interrupt` makes file downloads break off.
+    `interrupt` makes file downloads break off; `hold` keeps one waiting.
     """
 
     def __init__(self, repos: Mapping[str, Path], gated: Mapping[str, str] | None = None) -> None:
@@ -74,6 +80,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self._cuts: dict[tuple[str, str], list[int]] = {}
         self._cuts_lock = threading.Lock()
+        self._holds: dict[tuple[str, str], Hold] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"hub": self}))
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         # A short poll interval: shutdown() waits up to one interval for the serving loop to notice.
@@ -93,6 +100,11 @@ class FakeHub:
         whole length (or range), then the connection closes, which is how a dropped connection looks to the client."""
         with self._cuts_lock:
             self._cuts.setdefault((repo_id, path), []).extend([after] * times)
+
+    def hold(self, repo_id: str, path: str) -> Hold:
+        """The next GET of this file sends its headers, then waits for `release` before the body."""
+        hold = self._holds[(repo_id, path)] = Hold(threading.Event(), threading.Event())
+        return hold
 
     def _next_cut(self, repo_id: str, path: str) -> int | None:
         with self._cuts_lock:
@@ -178,6 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         self._start(206 if ranged else 200, headers)
         if self.command == "GET":
+            hold = self.hub._holds.pop((match["repo"], name), None)
+            if hold is not None:
+                self.wfile.flush()
+                hold.reached.set()
+                hold.release.wait(60)
             cut = self.hub._next_cut(match["repo"], name)
             self._send_file(path, start, stop if cut is None else min(stop, start + cut))
 

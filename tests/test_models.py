@@ -212,3 +212,26 @@ def test_a_model_that_does_not_fit_is_refused_before_downloading(hub, tmp_path, 
     with pytest.raises(InsufficientDisk, match=r"needs 0\.0 GB more and 0\.0 GB are free"):
         store.pull(TORCH_REPO, gpu=False, report=lambda progress: None)
     assert not [r for r in hub.requests if "/resolve/" in r.path]
+
+
+def test_a_zip_bomb_and_an_archive_of_too_many_entries_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+) -> None:
+    """The bounds, lowered so the test stays small: a real bomb (64 MiB of zeros in ~64 KiB)
+    against 32 MiB, and 50 entries against 20."""
+    monkeypatch.setattr(coreml_layout, "MAX_UNPACKED_BYTES", 32 * 1024**2)
+    monkeypatch.setattr(coreml_layout, "MAX_ENTRIES", 20)
+    bomb, many = tmp_path / "bomb.zip", tmp_path / "many.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("Unet.mlmodelc/weights/weight.bin", "w") as entry:
+            for _ in range(64):
+                entry.write(bytes(1024**2))
+    assert bomb.stat().st_size < 1024**2
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(50):
+            zf.writestr(f"TextEncoder.mlmodelc/{i}.bin", b"x")
+    for archive, reason in ((bomb, "unpacks to more than"), (many, "50 entries")):
+        target = tmp_path / archive.stem
+        with pytest.raises(coreml_layout.UnsafeArchive, match=reason):
+            coreml_layout.unpack(archive, target)
+        assert not target.exists()

@@ -110,3 +110,30 @@ def test_an_unknown_repo_fails_the_job_with_model_not_found(fresh, hub, tmp_path
     job = fresh.wait_job(fresh.call("submit", prompt="x", model="test/absent", steps=1)["job"]["id"], 60)
     assert job["state"] == "failed" and job["error"]["code"] == "model_not_found"
     assert fresh.call("ping")["ready"]
+
+
+def test_a_pull_cancelled_mid_file_keeps_the_whole_files_and_a_second_pull_fetches_the_rest(
+    fresh, hub, tmp_path, monkeypatch
+) -> None:
+    hub_env(monkeypatch, hub, tmp_path)
+    held = "vae/diffusion_pytorch_model.safetensors"
+    hold = hub.hold(REPO, held)
+    fresh.start()
+    events = fresh.subscribe(f"model.{REPO}".encode())
+    fresh.call("pull", model=REPO)
+    assert hold.reached.wait(60), "the pull never reached the held file"
+    assert fresh.call("cancel", model=REPO)["ok"]
+    hold.release.set()
+    failed = fresh.wait_for(events, lambda e: e["type"] in ("model.download_failed", "model.downloaded"), 60)
+    assert failed["type"] == "model.download_failed" and failed["code"] == "cancelled", failed
+    snapshots = tmp_path / "hf" / "hub" / "models--test--tiny-sd" / "snapshots"
+    kept = {p.relative_to(next(snapshots.iterdir())).as_posix() for p in snapshots.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in kept and held not in kept  # whole files only
+
+    hub.requests.clear()
+    fresh.call("pull", model=REPO)
+    done = fresh.wait_for(events, lambda e: e["type"] in ("model.download_failed", "model.downloaded"), 60)
+    assert done["type"] == "model.downloaded", done
+    fetched = {r.path.split("/resolve/main/", 1)[1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
+    assert fetched == {held}  # the rest was kept from the cancelled pull
+    assert fresh.stop() == 0
