@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     install = commands.add_parser("install", help="start the daemon at login (LaunchAgent on macOS, systemd --user on Linux)")
     install.add_argument("--hotfolder", type=Path, metavar="DIR", help="also run a hot folder on DIR at login")
     install.add_argument("--config", type=Path, help="the config the service runs with")
+    install.add_argument("--connect", metavar="tcp://HOST:PORT",
+                         help="run a remote worker for the daemon there at login, instead of a daemon here")
+    install.add_argument("--server-key", type=Path, help="with --connect: the daemon's server.key")
+    install.add_argument("--worker-key", type=Path, help="with --connect: this worker's NAME.key_secret")
+    install.add_argument("--name", help="with --connect: the worker's name in the daemon's events")
     keys = commands.add_parser("keys", help="make the CurveZMQ keys for TCP access (the server's, and a client's)")
     keys.add_argument("--client", metavar="NAME", help="also make a key pair for this client and allow it")
     keys.add_argument("--worker", metavar="NAME", help="also make a key pair for this remote worker and allow it")
@@ -215,9 +220,22 @@ def _install(args: argparse.Namespace) -> int:
     if args.hotfolder is not None and not args.hotfolder.is_dir():
         print(f"diffusiond: {args.hotfolder} is not a folder", file=sys.stderr)
         return EXIT_USAGE
+    if args.connect:
+        missing = [flag for flag, value in (("--server-key", args.server_key), ("--worker-key", args.worker_key))
+                   if value is None or not value.is_file()]
+        if missing:
+            print(f"diffusiond: a worker needs {' and '.join(missing)}: the key files `diffusiond keys --worker NAME` "
+                  "made on the daemon's machine", file=sys.stderr)
+            return EXIT_USAGE
+        if args.hotfolder is not None:
+            print("diffusiond: --hotfolder goes with the daemon's install, not a worker's", file=sys.stderr)
+            return EXIT_USAGE
+        wanted = [service.worker_service(args.connect, args.server_key, args.worker_key, args.name, args.config)]
+    else:
+        wanted = service.services(args.config, args.hotfolder)
     manager = service.manager()
     try:
-        paths = service.install(service.services(args.config, args.hotfolder), manager)
+        paths = service.install(wanted, manager)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or ""
         print(f"diffusiond: installing failed: {exc} {detail.strip()}", file=sys.stderr)

@@ -106,6 +106,7 @@ class RemoteWorker:
             raise ValueError(f"{worker_key} holds no secret key: give the NAME.key_secret file")
         self.name = name or socket.gethostname()
         self.stopping = False
+        self.refused = False
         self.busy = False
 
     def _connect(self) -> zmq.Socket:
@@ -160,7 +161,7 @@ class RemoteWorker:
             engine_out.close(linger=0)
             self.context.term()
             log.info("worker %s stopped", self.name)
-        return 0
+        return 2 if self.refused else 0
 
     @staticmethod
     def _poller(*sockets: zmq.Socket) -> zmq.Poller:
@@ -204,7 +205,7 @@ class RemoteWorker:
                 self._send(link, {"op": "hello", "v": WORKER_PROTOCOL, "name": self.name})
             elif op == "refused":
                 log.error("the daemon refused this worker: %s", message.get("reason"))
-                self.stopping = True
+                self.stopping = self.refused = True
 
     def _from_engine(self, link: zmq.Socket, engine_out: zmq.Socket) -> None:
         while True:

@@ -13,14 +13,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-DAEMON, HOTFOLDER = "daemon", "hotfolder"
-LABELS = {DAEMON: "org.diffusiond.daemon", HOTFOLDER: "org.diffusiond.hotfolder"}
-UNITS = {DAEMON: "diffusiond.service", HOTFOLDER: "diffusiond-hotfolder.service"}
+DAEMON, HOTFOLDER, WORKER = "daemon", "hotfolder", "worker"
+LABELS = {DAEMON: "org.diffusiond.daemon", HOTFOLDER: "org.diffusiond.hotfolder", WORKER: "org.diffusiond.worker"}
+UNITS = {DAEMON: "diffusiond.service", HOTFOLDER: "diffusiond-hotfolder.service", WORKER: "diffusiond-worker.service"}
 
 
 @dataclass(frozen=True)
 class Service:
-    name: str  # DAEMON or HOTFOLDER
+    name: str  # DAEMON, HOTFOLDER or WORKER
     arguments: list[str]  # the command line, interpreter first, every path absolute
 
 
@@ -32,6 +32,15 @@ def services(config: Path | None, hotfolder: Path | None) -> list[Service]:
     if hotfolder is not None:
         result.append(Service(HOTFOLDER, [python, "-m", "diffusiond.clients.cli", "hotfolder", str(hotfolder.resolve())]))
     return result
+
+
+def worker_service(connect: str, server_key: Path, worker_key: Path, name: str | None, config: Path | None) -> Service:
+    """A remote worker for a daemon on another machine, instead of a daemon on this one."""
+    arguments = [sys.executable, "-m", "diffusiond.daemon.cli", "worker", "--connect", connect,
+                 "--server-key", str(server_key.resolve()), "--worker-key", str(worker_key.resolve())]
+    arguments += ["--name", name] if name else []
+    arguments += ["--config", str(config.resolve())] if config else []
+    return Service(WORKER, arguments)
 
 
 def _environment() -> dict[str, str]:
@@ -101,6 +110,20 @@ def systemd_unit(service: Service) -> str:
             "[Install]\n"
             "WantedBy=default.target\n"
         )
+    if service.name == WORKER:
+        return (
+            "[Unit]\n"
+            "Description=diffusiond remote worker: this machine's engine for a daemon on another\n\n"
+            "[Service]\n"
+            "Type=exec\n"
+            f"ExecStart={command}\n"
+            f"{environment}"
+            "WorkingDirectory=%h\n"
+            "Restart=on-failure\n"
+            "RestartSec=5\n\n"
+            "[Install]\n"
+            "WantedBy=default.target\n"
+        )
     return (
         "[Unit]\n"
         "Description=diffusiond hot folder: prompt files in, images out\n"
@@ -152,7 +175,7 @@ def install(wanted: list[Service], manager: str) -> list[Path]:
 
 def uninstall(manager: str) -> list[Path]:
     removed = []
-    for name in (HOTFOLDER, DAEMON):
+    for name in (HOTFOLDER, WORKER, DAEMON):
         if manager == "launchd":
             path = plist_path(name)
             _run("launchctl", "bootout", f"gui/{os.getuid()}/{LABELS[name]}", check=False)
@@ -171,7 +194,7 @@ def uninstall(manager: str) -> list[Path]:
 def status(manager: str) -> list[dict[str, str]]:
     """Per service: installed, loaded, running, pid, and where its logs are."""
     rows = []
-    for name in (DAEMON, HOTFOLDER):
+    for name in (DAEMON, HOTFOLDER, WORKER):
         if manager == "launchd":
             path = plist_path(name)
             shown = _run("launchctl", "print", f"gui/{os.getuid()}/{LABELS[name]}", check=False)

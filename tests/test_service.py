@@ -78,7 +78,8 @@ def test_install_reinstall_and_uninstall_with_launchctl(home, recorder) -> None:
     removed = service.uninstall("launchd")
     assert not plist.exists() and len(removed) == 2
     assert recorder.read_text().splitlines() == [
-        f"launchctl bootout gui/{uid}/org.diffusiond.hotfolder", f"launchctl bootout gui/{uid}/org.diffusiond.daemon"]
+        f"launchctl bootout gui/{uid}/org.diffusiond.hotfolder", f"launchctl bootout gui/{uid}/org.diffusiond.worker",
+        f"launchctl bootout gui/{uid}/org.diffusiond.daemon"]
 
 
 def test_install_and_uninstall_with_systemctl(home, recorder) -> None:
@@ -114,7 +115,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path) -> None:
     folder = tmp_path / "units"
     folder.mkdir()
     paths = []
-    for unit in service.services(tmp_path / "config.toml", tmp_path):
+    worker = service.worker_service("tcp://studio.local:5570", tmp_path / "server.key", tmp_path / "gpu.key_secret",
+                                    "gpu box", None)
+    for unit in [*service.services(tmp_path / "config.toml", tmp_path), worker]:
         path = folder / service.UNITS[unit.name]
         path.write_text(service.systemd_unit(unit))
         paths.append(str(path))
@@ -162,3 +165,26 @@ def test_real_launchd_bootstrap_and_bootout(tmp_path) -> None:
         service.uninstall("launchd")
     rows = {row["service"]: row for row in service.status("launchd")}
     assert rows["org.diffusiond.daemon"]["loaded"] == "False"
+
+
+def test_a_worker_machine_installs_a_worker_instead_of_a_daemon(home, recorder) -> None:
+    if sys.platform == "darwin":
+        pytest.skip("the systemd path: this is a Linux test")
+    keys = {name: home / name for name in ("server.key", "gpu.key_secret")}
+    command = [sys.executable, "-m", "diffusiond.daemon.cli", "install", "--connect", "tcp://studio.local:5570",
+               "--server-key", "server.key", "--worker-key", "gpu.key_secret", "--name", "gpu"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=home)
+    assert refused.returncode == 2 and "--server-key and --worker-key" in refused.stderr
+    for path in keys.values():
+        path.write_text("a key file\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=home)
+    assert done.returncode == 0, done.stderr
+    units = home / ".config/systemd/user"
+    assert [p.name for p in units.iterdir()] == ["diffusiond-worker.service"]  # no daemon on a worker machine
+    exec_start = next(line for line in (units / "diffusiond-worker.service").read_text().splitlines()
+                      if line.startswith("ExecStart="))
+    assert exec_start.split()[1:] == ["-m", "diffusiond.daemon.cli", "worker", "--connect", "tcp://studio.local:5570",
+                                      "--server-key", str(keys["server.key"]), "--worker-key",
+                                      str(keys["gpu.key_secret"]), "--name", "gpu"]
+    assert "systemctl --user restart diffusiond-worker.service" in recorder.read_text()
+    assert [row["service"] for row in service.status("systemd")][-1] == "diffusiond-worker.service"
