@@ -10,6 +10,9 @@
 3. Event delivery latency to 10 subscribers: receive time minus the event's `ts`, over `daemon.ping`
    events published one at a time, vs a bare in-process ZeroMQ PUB → 10 SUB over ipc received by
    the same code. Target: p99 ≤ 5 ms.
+4. One job through a remote worker (a second daemon with `local_worker = false` and a
+   `diffusiond worker` on loopback TCP with CurveZMQ: the job, its progress and its PNG cross the
+   wire) vs the first daemon's own worker, alternately. What the hop costs beside the engine.
 
 Everything lives in a temporary folder, sockets are ipc, and the daemon is shut down at the end.
 
@@ -48,12 +51,16 @@ TIMEOUT_MS = 30_000  # any wait longer than this is a hang: fail rather than loo
 class Daemon:
     """The real daemon as a subprocess with its config, queue, sockets and outputs under ``home``."""
 
-    def __init__(self, home: Path, threads: int) -> None:
+    def __init__(self, home: Path, threads: int, extra: str = "") -> None:
         self.home = home
+        home.mkdir(exist_ok=True)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        config = home / "config.toml"
+        self.config = config = home / "config.toml"
         config.write_text(f'model = "tiny"\ndevice = "cpu"\nruntime_dir = "{home / "run"}"\n'
-                          f'state_dir = "{home / "state"}"\noutput_dir = "{home / "out"}"\n')
+                          f'state_dir = "{home / "state"}"\noutput_dir = "{home / "out"}"\n{extra}')
+        if extra:  # keys before the start: a daemon with tcp refuses to start without them
+            subprocess.run([sys.executable, "-m", "diffusiond.daemon.cli", "keys", "--worker", "bench", "--config",
+                            str(config)], check=True, capture_output=True)
         self.request_endpoint, self.event_endpoint = endpoints(home / "run")
         self.context = zmq.Context()
         self.ids = itertools.count(1)
@@ -135,6 +142,69 @@ def paired_medians(first: Callable[[], float], second: Callable[[], float], repe
     return [(statistics.median(w), statistics.median(o)) for w, o in zip(walls, outside)]
 
 
+def job_runner(daemon: Daemon, steps: int, scheduler: str, stored: dict[str, Any]) -> tuple[Callable[[], float], Callable[[], None]]:
+    """A function that submits one job and returns its engine seconds once its `job.done` arrives;
+    and one that closes its sockets. ``stored`` gets the job's params as the daemon stored them."""
+    dealer, events = daemon.socket(zmq.DEALER), daemon.socket(zmq.SUB)
+    events.setsockopt(zmq.SUBSCRIBE, b"job.")
+    events.setsockopt(zmq.SUBSCRIBE, b"daemon")
+    make_live([events], lambda: daemon.call(dealer, "ping", announce=True)["id"])
+    events.setsockopt(zmq.UNSUBSCRIBE, b"daemon")
+
+    def run() -> float:
+        job = daemon.call(dealer, "submit", prompt=PROMPT, steps=steps, seed=1, scheduler=scheduler,
+                          output_dir=str(daemon.home / "out"))["job"]
+        stored.update(job["params"])
+        while True:
+            event = unpack(events.recv_multipart()[1])
+            if event.get("job") == job["id"] and event["type"] in ("job.done", "job.failed", "job.cancelled"):
+                if event["type"] != "job.done":
+                    raise RuntimeError(f"job did not finish: {event}")
+                return event["timings"]["total"]
+
+    def close() -> None:
+        dealer.close()
+        events.close()
+
+    return run, close
+
+
+def remote_job(daemon: Daemon, home: Path, repeats: int, steps: int, scheduler: str, threads: int) -> None:
+    """Phase 4: the same job through a remote worker on loopback vs the daemon's own worker."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    queue_only = Daemon(home, threads, f'tcp = "127.0.0.1:{port}"\nlocal_worker = false\n')
+    keys = home / "state" / "keys"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+         "--server-key", str(keys / "server.key"), "--worker-key", str(keys / "bench.key_secret"), "--name", "bench"],
+        stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT, env=queue_only.env,
+    )
+    with daemon.socket(zmq.DEALER) as dealer:  # the throughput phase left thousands queued, paused
+        daemon.call(dealer, "cancel", all_queued=True)
+        daemon.call(dealer, "resume")
+    local, close_local = job_runner(daemon, steps, scheduler, {})
+    try:
+        queue_only.wait_ready()
+        remote, close_remote = job_runner(queue_only, steps, scheduler, {})
+        try:
+            (t_local, out_local), (t_remote, out_remote) = paired_medians(local, remote, repeats)
+        finally:
+            close_remote()
+    finally:
+        close_local()
+        worker.terminate()
+        worker.wait(timeout=60)
+        queue_only.stop()
+    print(f"\none job through a remote worker (loopback TCP, CurveZMQ), median of {repeats}")
+    print(f"  the daemon's own worker            {t_local * 1000:8.1f} ms/job   ({out_local * 1000:5.1f} ms outside the engine)")
+    print(f"  a remote worker                    {t_remote * 1000:8.1f} ms/job   ({out_remote * 1000:5.1f} ms outside the engine)")
+    print(f"  ratio remote/own                   {t_remote / t_local:8.3f}")
+
+
 def one_job(daemon: Daemon, repeats: int, steps: int, scheduler: str, threads: int) -> dict[str, Any]:
     """Phase 1; returns the params the daemon stored for the job, which the storage baseline inserts."""
     import torch
@@ -156,29 +226,12 @@ def one_job(daemon: Daemon, repeats: int, steps: int, scheduler: str, threads: i
         save_result(result, "tiny", out / f"{next(names)}.png")
         return result.timings["total"]
 
-    dealer, events = daemon.socket(zmq.DEALER), daemon.socket(zmq.SUB)
-    events.setsockopt(zmq.SUBSCRIBE, b"job.")
-    events.setsockopt(zmq.SUBSCRIBE, b"daemon")
-    make_live([events], lambda: daemon.call(dealer, "ping", announce=True)["id"])
-    events.setsockopt(zmq.UNSUBSCRIBE, b"daemon")
     stored: dict[str, Any] = {}
-
-    def through_daemon() -> float:
-        job = daemon.call(dealer, "submit", prompt=PROMPT, steps=steps, seed=1, scheduler=scheduler,
-                          output_dir=str(daemon.home / "out"))["job"]
-        stored.update(job["params"])
-        while True:
-            event = unpack(events.recv_multipart()[1])
-            if event.get("job") == job["id"] and event["type"] in ("job.done", "job.failed", "job.cancelled"):
-                if event["type"] != "job.done":
-                    raise RuntimeError(f"job did not finish: {event}")
-                return event["timings"]["total"]
-
+    through_daemon, close = job_runner(daemon, steps, scheduler, stored)
     try:
         (t_in, out_in), (t_daemon, out_daemon) = paired_medians(in_process, through_daemon, repeats)
     finally:
-        for socket in (dealer, events):
-            socket.close()
+        close()
     size = model.default_size
     print(f"one job, tiny model {size}x{size}, {steps} steps {scheduler}, CPU, torch threads: "
           f"in-process {torch.get_num_threads()}, daemon {daemon_threads}; median of {repeats}")
@@ -326,6 +379,7 @@ def main() -> None:
             params = one_job(daemon, args.repeats, args.steps, args.scheduler, args.threads)
             throughput(daemon, params, args.clients, args.jobs)
             event_latency(daemon, args.subscribers, args.events)
+            remote_job(daemon, Path(home) / "remote", args.repeats, args.steps, args.scheduler, args.threads)
         finally:
             daemon.stop()
 
