@@ -140,7 +140,13 @@ class RemoteWorker:
                     self._send(link, {"op": "heartbeat"} if self.welcomed else {"op": "hello", "v": WORKER_PROTOCOL,
                                                                                 "name": self.name})
                 if now - self.heard > timeout:
-                    log.warning("the daemon is silent for %.0fs: dropping the job in hand and connecting again", timeout)
+                    if self.welcomed:
+                        log.warning("the daemon is silent for %.0fs: dropping the job in hand and connecting again",
+                                    timeout)
+                    else:
+                        log.warning("no answer from %s in %.0fs: is the daemon running with tcp set, and is this "
+                                    "worker's public key in its keys/allowed_workers/? Trying again", self.endpoint,
+                                    timeout)
                     engine.drop()
                     link.close()
                     link = self._connect()
