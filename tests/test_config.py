@@ -34,6 +34,10 @@ def test_values_and_limits_are_read(tmp_path) -> None:
         ("[limits]\nsteps = 1.5", "limits.steps must be int"),
         ("[limits]\nsize_max = 9", "unknown limits ['size_max']"),
         ("model = ", "cannot read config"),
+        ("precision = 'fp8'", "precision must be one of auto, fp16, bf16, fp32; got 'fp8'"),
+        ("compute_units = 'gpu'", "compute_units must be one of auto, cpuAndGPU"),
+        ("local_worker = 'no'", "local_worker must be bool"),
+        ("local_worker = false", "local_worker = false needs tcp"),
     ],
 )
 def test_bad_files_are_refused_with_the_key_named(tmp_path, text, message) -> None:
