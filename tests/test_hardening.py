@@ -78,6 +78,26 @@ def test_the_daemon_survived_the_fuzzing(target) -> None:
     assert target.call("ping")["ready"]
 
 
+def test_no_request_makes_the_daemon_read_a_file(daemon, tmp_path) -> None:
+    """Init images travel as bytes: a path, even to a valid image the daemon could read, is refused,
+    so there is no list of allowed folders to get wrong."""
+    import io
+
+    from PIL import Image
+
+    readable = tmp_path / "private.png"
+    Image.new("RGB", (64, 64)).save(readable)
+    reply = daemon.call("submit", prompt="img2img", init_image=str(readable), steps=2)
+    assert not reply["ok"] and reply["error"]["code"] == Code.BAD_MESSAGE
+    assert "init_image must be bytes" in reply["error"]["message"]
+    reply = daemon.call("submit", prompt="img2img", init_image=str(readable).encode(), steps=2)
+    assert not reply["ok"] and reply["error"]["code"] == Code.INVALID_PARAMETER  # bytes of a path: not an image
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    reply = daemon.call("submit", prompt="img2img", init_image=buffer.getvalue(), steps=2)
+    assert reply["ok"], reply
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="running a client as another user needs root")
 def test_another_user_cannot_reach_the_ipc_endpoint(daemon) -> None:
     code = (
