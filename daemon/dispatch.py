@@ -18,6 +18,7 @@ daemon writes the images itself (the same atomic write, the same names by job id
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,14 @@ _WORKER_EVENTS = {"job.progress", "job.preview", "model.downloading", "model.dow
                   "model.loading", "model.compiling", "model.compiled", "model.loaded", "model.unloaded"}
 
 Publish = Callable[[bytes, dict[str, Any]], None]
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -92,6 +101,10 @@ class RemoteWorkers:
                 self._handle(identity, message)
             except ProtocolError as exc:
                 log.warning("dropped a message from worker %r: %s", identity, exc.message)
+            except Exception:
+                # A worker's bad message must not stop the daemon: its job, if any, is requeued
+                # when the worker goes silent or says ready again.
+                log.exception("dropped a message from worker %r that could not be handled", identity)
 
     def _handle(self, identity: bytes, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -115,10 +128,9 @@ class RemoteWorkers:
             self._event(peer, message)
             return
         job_id = message.get("job")
-        if job_id is None or job_id != peer.job:
+        if not isinstance(job_id, str) or job_id != peer.job:
             log.info("worker %s reported on job %r, which it does not hold; ignored", peer.name, job_id)
             return
-        peer.job = None
         if op == "done":
             self._done(peer, job_id, message)
         elif op == "failed":
@@ -130,11 +142,12 @@ class RemoteWorkers:
             self.queue.cancelled(job_id)
             self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id, "worker": peer.name})
         elif op == "requeue":
-            peer.job = job_id
             self._requeue(peer, str(message.get("reason", f"worker {peer.name} gave it back")))
+            return
         else:
-            peer.job = job_id
             log.warning("worker %s sent an unknown op %r", peer.name, op)
+            return
+        peer.job = None  # only once the queue has the outcome: else its next `ready` requeues the job
 
     def _hello(self, identity: bytes, message: dict[str, Any]) -> None:
         name = str(message.get("name", "worker"))[:64]
@@ -171,7 +184,7 @@ class RemoteWorkers:
             self._fail(job_id, Code.OUTPUT_ERROR, f"cannot write the image: {exc}")
             return
         raw = message.get("summary") if isinstance(message.get("summary"), dict) else {}
-        summary = {key: raw[key] for key in _SUMMARY_FIELDS if key in raw}
+        summary = {key: raw[key] for key in _SUMMARY_FIELDS if key in raw and _json_safe(raw[key])}
         self.queue.done(job_id, outputs, {**summary, "worker": peer.name})
         self.publish(f"job.{job_id}".encode(), {"type": "job.done", "job": job_id, "outputs": outputs, **summary,
                                                 "worker": peer.name})

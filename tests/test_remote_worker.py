@@ -14,6 +14,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import zmq.auth
 
 from diffusiond.daemon.png import read_parameters
@@ -183,3 +185,78 @@ def test_jobs_for_a_folder_on_the_daemon_machine_stay_with_its_own_worker(tmp_pa
     assert queue.claim_next(named_models_only=True) is None
     assert [queue.claim_next().id for _ in range(2)] == [folder_job.id, home_job.id]
     queue.close()
+
+
+HELD: dict[str, str] = {}  # the job the fuzzing worker holds, once the daemon gave it one
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=20),
+                    st.binary(max_size=20))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                           max_size=3), max_leaves=8)
+PNG_LIKE = st.binary(max_size=40).map(lambda tail: b"\x89PNG\r\n\x1a\n" + tail)
+worker_messages = st.fixed_dictionaries(
+    {"op": st.one_of(st.sampled_from(["hello", "ready", "heartbeat", "event", "done", "failed", "cancelled",
+                                      "requeue", "nonsense"]), values)},
+    optional={
+        "v": st.one_of(st.just(1), values), "name": values, "job": st.one_of(st.deferred(lambda: st.just(HELD["job"])), values),
+        "topic": st.one_of(st.sampled_from([b"job.x", b"model.tiny", b"daemon"]), values),
+        "body": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["job.progress", "model.loaded", "job.done"])},
+                                                optional={"step": values}), values),
+        "pngs": st.one_of(st.lists(st.one_of(PNG_LIKE, values), max_size=3), values),
+        "summary": st.one_of(st.dictionaries(st.sampled_from(["seed", "width", "flagged", "timings", "x"]), values), values),
+        "code": values, "message": values, "reason": values,
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_link(tmp_path_factory):
+    """A daemon for remote workers only, and a DEALER holding an allowed worker key that has joined
+    and holds a job: the fuzzer speaks as a worker that was let in."""
+    port = free_port()
+    daemon = Daemon(tmp_path_factory.mktemp("fuzz") / "d", tcp=f"127.0.0.1:{port}", local_worker=False)
+    assert keys(daemon, "fuzzer", "worker").returncode == 0
+    daemon.start()
+    folder = daemon.home / "state" / "keys"
+    server_public, _ = zmq.auth.load_certificate(str(folder / "server.key"))
+    public, secret = zmq.auth.load_certificate(str(folder / "fuzzer.key_secret"))
+    link = daemon.context.socket(zmq.DEALER)
+    link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_public, public, secret
+    link.setsockopt(zmq.LINGER, 0)
+    link.connect(f"tcp://127.0.0.1:{port + 2}")
+    for _ in range(3):
+        daemon.call("submit", **SMALL)
+    link.send(msgpack.packb({"op": "hello", "v": 1, "name": "fuzzer"}))
+    expect(link, "welcome")
+    link.send(msgpack.packb({"op": "ready"}))
+    HELD["job"] = expect(link, "job")["job"]
+    yield daemon, link
+    link.close()
+    daemon.close()
+
+
+def expect(link: zmq.Socket, op: str) -> dict:
+    """The next message of this op on the worker link (heartbeats and the rest skipped)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if link.poll(1000):
+            message = msgpack.unpackb(link.recv(), raw=False)
+            if message.get("op") == op:
+                return message
+    raise TimeoutError(f"no {op} from the daemon")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(message=worker_messages)
+def test_fuzzed_worker_messages_are_handled(fuzz_link, message) -> None:
+    _, link = fuzz_link
+    link.send(msgpack.packb(message, use_bin_type=True))
+
+
+def test_the_daemon_survived_the_worker_fuzzing_without_its_safety_net(fuzz_link) -> None:
+    daemon, link = fuzz_link
+    link.send(msgpack.packb({"op": "hello", "v": 1, "name": "fuzzer"}))
+    expect(link, "welcome")  # in order after every fuzzed message: all of them were handled
+    assert daemon.process.poll() is None and daemon.call("ping")["ok"]
+    assert "could not be handled" not in daemon.log.read_text()  # each bad message met a check of its own
+    states = {job["state"] for job in daemon.call("list", limit=100)["jobs"]}
+    assert states <= {"queued", "running", "done", "failed", "cancelled"}
