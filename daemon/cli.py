@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the Core ML models")
     convert.add_argument("--attention", default="split_einsum", choices=("original", "split_einsum"),
                          help="split_einsum: the Neural Engine's; original: the GPU's")
-    convert.add_argument("--resolution", type=int, metavar="PIXELS",
-                         help="the square image size the models take (default: the model's own)")
+    convert.add_argument("--resolution", type=_resolution, metavar="WIDTHxHEIGHT",
+                         help="the one image size the models take, e.g. 512x768, or 512 for square (default: the model's own)")
     convert.add_argument("--palettize", action="store_true", help="6-bit palettized weights (smaller, as Apple's -6bit)")
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
@@ -293,6 +293,11 @@ def _service_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolution(text: str) -> tuple[int, int]:
+    """A Core ML model's fixed size: WIDTHxHEIGHT, or one number for a square."""
+    return (int(text), int(text)) if text.isdigit() else size_argument(text)
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         from .converter import convert
@@ -300,9 +305,8 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"diffusiond: converting needs torch, diffusers and coremltools ({exc}): "
               "pip install 'diffusiond[convert]'", file=sys.stderr)
         return EXIT_FAILED
-    size = (args.resolution, args.resolution) if args.resolution else None
     started = time.monotonic()
-    out = convert(args.source, args.out, args.attention, size, args.palettize,
+    out = convert(args.source, args.out, args.attention, args.resolution, args.palettize,
                   lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts))
     print(out)
     print(f"converted in {time.monotonic() - started:.0f}s; on a Mac: diffusiond generate -m {out} \"…\"",

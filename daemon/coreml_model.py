@@ -181,8 +181,9 @@ class CoreMLFolder:
         return self._sample.shape[1]
 
     @property
-    def default_size(self) -> int:
-        return self._sample.shape[-1] * self.vae_scale_factor
+    def default_shape(self) -> tuple[int, int]:
+        """(width, height): the one size the models were converted for, from the Unet's sample port."""
+        return self._sample.shape[-1] * self.vae_scale_factor, self._sample.shape[-2] * self.vae_scale_factor
 
     @property
     def scaling_factor(self) -> float:

@@ -93,6 +93,11 @@ class ModelFolder:
         return int(self._unet["sample_size"]) * self.vae_scale_factor
 
     @property
+    def default_shape(self) -> tuple[int, int]:
+        """(width, height) when a request gives none: the UNet's training size."""
+        return self.default_size, self.default_size
+
+    @property
     def tokenizer_dir(self) -> Path:
         return self.path / "tokenizer"
 

@@ -119,12 +119,12 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
             _check(value is None or _is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0, name,
                    f"must be a multiple of 8 from {MIN_SIZE} to {limits.size}, got {value!r}")
         return replace(r, seed=seed, width=width, height=height)
-    width = width or model.default_size
-    height = height or model.default_size
+    width = width or model.default_shape[0]
+    height = height or model.default_shape[1]
     if model.fixed_size:
-        for name, value in (("width", width), ("height", height)):
-            _check(value == model.default_size, name, f"this Core ML model was converted for "
-                   f"{model.default_size}x{model.default_size}; convert it again for another size")
+        for name, value, fixed in (("width", width, model.default_shape[0]), ("height", height, model.default_shape[1])):
+            _check(value == fixed, name, f"this Core ML model was converted for {model.default_shape[0]}x"
+                   f"{model.default_shape[1]}; convert it again for another size (diffusiond convert --resolution)")
     for name, value in (("width", width), ("height", height)):
         _check(_is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0 and value % factor == 0, name,
                f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")

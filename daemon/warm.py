@@ -88,7 +88,7 @@ class WarmModels:
         if getattr(runtime, "has_warm_up", False):
             # Compiling and capturing graphs for the model's own size: paid once, here, not by a job.
             self.emit(topic, {"type": "model.compiling", "model": name})
-            seconds = runtime.warm_up(model.default_size, model.default_size)
+            seconds = runtime.warm_up(*model.default_shape)
             self.emit(topic, {"type": "model.compiled", "model": name, "seconds": seconds})
         self.pipelines[name] = Pipeline(model, runtime, self.config.limits)
         self.last_used[name] = time.monotonic()

@@ -87,12 +87,35 @@ def test_a_converted_folder_opens_with_the_diffusers_models_facts(converted) -> 
     out, _ = converted
     model, original = ModelFolder.open(str(out)), ModelFolder.open("tiny")
     assert isinstance(model, CoreMLFolder) and model.runtime == "coreml"
-    for fact in ("vae_scale_factor", "latent_channels", "default_size", "scaling_factor", "scheduler_config"):
+    for fact in ("vae_scale_factor", "latent_channels", "default_shape", "scaling_factor", "scheduler_config"):
         assert getattr(model, fact) == getattr(original, fact), fact
     from diffusiond.daemon.tokenizer import Tokenizer
 
     prompt = "a lighthouse at dusk, oil painting"
     assert (Tokenizer(model.tokenizer_dir).encode(prompt).ids == Tokenizer(original.tokenizer_dir).encode(prompt).ids).all()
+
+
+def test_a_portrait_conversion_takes_and_asks_for_its_own_size(converted, tmp_path) -> None:
+    """Non-square: the Unet and VAE decoder converted again at 192x256 (width x height) into a copy."""
+    import shutil
+
+    from diffusiond.daemon.converter import convert
+
+    folder = tmp_path / "portrait"
+    shutil.copytree(converted[0], folder)
+    convert("tiny", folder, "original", (192, 256), parts=("Unet", "VAEDecoder"), progress=lambda _: None)
+    model = ModelFolder.open(str(folder))
+    assert model.default_shape == (192, 256)
+    unet = spec_ports(model.parts["Unet"])
+    assert unet.input("sample").shape == (2, 4, 32, 24) and unet.output("noise_pred").shape == (2, 4, 32, 24)
+    assert spec_ports(model.parts["VAEDecoder"]).output("image").shape == (1, 3, 256, 192)
+    request = resolve(Request("a tall lighthouse"), model)
+    assert (request.width, request.height) == (192, 256)
+    with pytest.raises(InvalidParameter, match="converted for 192x256"):
+        resolve(Request("a wide one", width=256, height=192), model)
+    sample = np.zeros((2, 4, 32, 24), np.float32)
+    (feed, real), = cr.unet_inputs(model.descriptions["Unet"], sample, np.float32(1), np.zeros((2, 77, 32), np.float32))
+    assert real == 2 and {k: v.shape for k, v in feed.items()} == {p.name: p.shape for p in unet.inputs}
 
 
 def test_the_runtime_feeds_are_exactly_what_the_specs_declare(converted) -> None:
@@ -346,7 +369,7 @@ def test_hub_repos_convert_and_core_ml_repos_open(converted, tmp_path) -> None:
         "from diffusiond.daemon.model import ModelFolder\n"
         "store.pull('someone/coreml-tiny', False, lambda progress: None, compute_units='cpuAndGPU')\n"
         "m = ModelFolder.open('someone/coreml-tiny')\n"
-        "print(type(m).__name__, m.default_size, m.latent_channels, m.scaling_factor, sorted(m.parts), m.tokenizer_dir.name)\n"
+        "print(type(m).__name__, *m.default_shape, m.latent_channels, m.scaling_factor, sorted(m.parts), m.tokenizer_dir.name)\n"
         "from diffusiond.daemon.converter import convert\n"
         f"convert('someone/tiny', __import__('pathlib').Path({str(tmp_path / 'out')!r}), parts=('TextEncoder',))\n"
     )
@@ -355,7 +378,7 @@ def test_hub_repos_convert_and_core_ml_repos_open(converted, tmp_path) -> None:
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     opened = done.stdout.splitlines()[0].split()
-    assert opened[:5] == ["CoreMLFolder", "256", "4", "0.18215", "['TextEncoder',"]
+    assert opened[:6] == ["CoreMLFolder", "256", "256", "4", "0.18215", "['TextEncoder',"]
     assert opened[-2] == "'VAEEncoder']" and opened[-1] != "packages"  # vocab.json from the repo's top
     assert "downloaded someone/tiny (0.00 of 0.00 GB)" in done.stdout
     assert spec_ports(next((tmp_path / "out").glob("*_text_encoder.mlpackage"))).input("input_ids").shape == (1, 77)
