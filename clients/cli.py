@@ -146,6 +146,7 @@ class Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        where = f" on {event['worker']}" if event.get("worker") else ""  # a remote worker's
         if kind == "model.downloading":
             self._draw(f"downloading {event['model']} …")
         elif kind == "model.download":
@@ -153,12 +154,15 @@ class Progress:
             self._draw(f"downloading {event['model']}: {event['bytes'] / mb:.1f}/{event['total'] / mb:.1f} MB "
                        f"at {event['rate'] / mb:.1f} MB/s {event['file']}")
         elif kind == "model.loading":
-            self._draw(f"loading model {event['model']} …")
+            self._draw(f"loading model {event['model']}{where} …")
+        elif kind == "model.compiling":
+            self._draw(f"compiling model {event['model']}{where} for its GPU (once per model and size) …")
         elif kind == "job.started":
-            self._draw("started")
+            self._draw(f"started{where}")
         elif kind == "job.progress":
             filled = 30 * event["step"] // event["total"]
-            self._draw(f"step {event['step']:>3}/{event['total']} [{'#' * filled}{'.' * (30 - filled)}] ETA {event['eta']:4.1f}s")
+            self._draw(f"step {event['step']:>3}/{event['total']} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"ETA {event['eta']:4.1f}s{where}")
 
     def _draw(self, text: str) -> None:
         if self.enabled:
@@ -224,6 +228,8 @@ def _describe(event: dict[str, Any]) -> str:
         detail = f"{event.get('code')}: {event.get('message')}"
     elif kind == "job.resync":
         detail = f"(events were missed; now {event['state']['state']})"
+    if event.get("worker"):
+        detail = f"{detail} [worker {event['worker']}]"
     return f"{when} {kind:<16} {subject} {detail}".rstrip()
 
 

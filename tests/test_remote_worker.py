@@ -6,6 +6,7 @@ go through a remote worker) and `diffusiond worker` subprocesses; kill -9 is the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -97,6 +98,16 @@ def test_a_remote_worker_runs_jobs_and_reports_through_the_daemon(cluster) -> No
     assert job["outputs"] == [str(cluster.output_dir / f"{job_id}.png")]
     text = read_parameters(Path(job["outputs"][0]))
     assert text.startswith("a lighthouse at dusk") and "Seed: 7" in text and "Size: 64x64" in text
+
+    shown = subprocess.run(  # what a user of `diffuse` sees of it: the bar says where the job runs
+        [sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(cluster.runtime_dir),
+         "a second one", "--size", "128x128", "--steps", "40"],  # long enough to see its steps
+        capture_output=True, text=True, timeout=120, env={**os.environ, "DIFFUSE_PROGRESS": "1"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    drawn = shown.stderr.replace("\x1b[K", "").split("\n")
+    assert any(line.startswith("step  40/40 [") and line.endswith("on gpu1") for line in drawn), drawn
+    assert Path(shown.stdout.strip()).parent == cluster.output_dir
 
 
 def test_a_worker_killed_mid_job_has_its_job_requeued_and_done_once(cluster) -> None:
