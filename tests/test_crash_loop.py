@@ -28,9 +28,14 @@ PARAMS = {"width": 64, "height": 64, "steps": 6}
 
 
 def snapshot(database: Path) -> dict[str, tuple[str, str | None]]:
-    """Job id → (state, outputs), read from the real SQLite file while the daemon is dead."""
+    """Job id → (state, outputs), read from the real SQLite file while the daemon is dead (a kill
+    early in the first start may come before the file or its table exists: then nothing is in it)."""
+    if not database.exists():
+        return {}
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone() is None:
+            return {}
         return {job_id: (state, outputs) for job_id, state, outputs in db.execute("SELECT id, state, outputs FROM jobs")}
 
 
