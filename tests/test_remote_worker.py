@@ -54,7 +54,7 @@ class Worker:
 def cluster(tmp_path):
     """A daemon that runs no job itself, with keys for two workers; workers start in the test."""
     port = free_port()
-    daemon = Daemon(tmp_path / "d", tcp=f"127.0.0.1:{port}", local_worker=False, worker_timeout=3.0)
+    daemon = Daemon(tmp_path / "d", tcp=f"127.0.0.1:{port}", local_worker=False, worker_timeout=5.0)
     daemon.port = port
     (daemon.home / "worker.toml").write_text(f'state_dir = "{daemon.home / "worker-state"}"\n')
     for name in ("gpu1", "gpu2"):
@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_job_has_its_job_requeued_and_done_once(cluster) -> 
     lost = time.monotonic()
     requeued = cluster.wait_for(events, lambda e: e.get("type") == "job.requeued" and e.get("job") == job_id, 30)
     assert requeued["reason"] == f"worker {victim} lost"
-    assert time.monotonic() - lost < 15  # worker_timeout is 3 s: found by the heartbeat, not by chance
+    assert time.monotonic() - lost < 20  # worker_timeout is 5 s: found by the heartbeat, not by chance
 
     done = cluster.wait_for(events, lambda e: e.get("type") in ("job.done", "job.failed") and e.get("job") == job_id, 180)
     assert done["type"] == "job.done" and done["worker"] == survivor
