@@ -74,7 +74,7 @@ class RemoteWorkers:
         self.peers: dict[bytes, Peer] = {}
         self.last_beat = 0.0
 
-    def names(self) -> list[dict[str, Any]]:
+    def connected(self) -> list[dict[str, Any]]:
         return [{"name": p.name, "job": p.job} for p in self.peers.values()]
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:
@@ -143,6 +143,7 @@ class RemoteWorkers:
             self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id, "worker": peer.name})
         elif op == "requeue":
             self._requeue(peer, str(message.get("reason", f"worker {peer.name} gave it back")))
+            self.dispatch()
             return
         else:
             log.warning("worker %s sent an unknown op %r", peer.name, op)
@@ -207,19 +208,24 @@ class RemoteWorkers:
     # -- to the workers ----------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Heartbeats out, silent workers given up, idle ones given work; called every loop."""
+        """Heartbeats out and silent workers given up; called every loop. Work goes out when a
+        worker says ready and after submits (server), a lost worker's job at once, and anything
+        else within a heartbeat: no queue query on every turn of the loop."""
         now = time.monotonic()
-        for peer in [p for p in self.peers.values() if now - p.seen > self.timeout]:
+        lost = [p for p in self.peers.values() if now - p.seen > self.timeout]
+        for peer in lost:
             del self.peers[peer.identity]
             log.warning("worker %s lost: silent for %.0fs", peer.name, now - peer.seen)
             self.publish(DAEMON_TOPIC, {"type": "worker.lost", "worker": peer.name})
             if peer.job is not None:
                 self._requeue(peer, f"worker {peer.name} lost")
-        if now - self.last_beat >= HEARTBEAT:
+        beat = now - self.last_beat >= HEARTBEAT
+        if beat:
             self.last_beat = now
             for identity in self.peers:
                 self._send(identity, {"op": "heartbeat"})
-        self.dispatch()
+        if beat or lost:
+            self.dispatch()
 
     def dispatch(self) -> None:
         idle = [p for p in self.peers.values() if p.idle]

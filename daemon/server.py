@@ -123,8 +123,9 @@ class Server:
             signal.signal(sig, self._on_signal)
         log.info("listening in %s (pid %d); loading %s", runtime_dir, os.getpid(), self.config.model)
 
+        sockets = [*self.routers, pull, *self.publishers, *([worker_socket] if worker_socket else [])]
         poller = zmq.Poller()
-        for socket in (*self.routers, pull, *self.publishers, *([worker_socket] if worker_socket else [])):
+        for socket in sockets:
             poller.register(socket, zmq.POLLIN)
         exit_code = 0
         try:
@@ -162,7 +163,7 @@ class Server:
             self.queue.close()
             if authenticator is not None:
                 authenticator.stop()
-            for socket in (*self.routers, *self.publishers, pull, *([worker_socket] if worker_socket else [])):
+            for socket in sockets:
                 socket.close(linger=0)
             self.context.term()
             os.close(lock)
@@ -291,7 +292,7 @@ class Server:
             "version": DAEMON_VERSION, "protocol": VERSION, "ready": self.worker.ready.is_set(),
             "models": {"loaded": self.worker.loaded, "loading": self.worker.loading},
             "queue": self.queue.counts(), "paused": self.queue.paused(), "pid": os.getpid(),
-            "workers": self.remote_workers.names() if self.remote_workers is not None else [],
+            "workers": self.remote_workers.connected() if self.remote_workers is not None else [],
         }
 
     def _op_submit(self, message: dict[str, Any]) -> dict[str, Any]:
