@@ -74,10 +74,6 @@ def write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_png(path: Path, image: np.ndarray, parameters: str) -> Path:
-    return write_atomic(path, encode_png(image, parameters))
-
-
 def read_parameters(path: Path) -> str:
     with Image.open(path) as image:
         return image.text.get("parameters", "") if hasattr(image, "text") else ""
@@ -89,14 +85,13 @@ def encode_result(result: Result, model: str) -> list[bytes]:
             for i, image in enumerate(result.images)]
 
 
+def numbered(first_path: Path, index: int) -> Path:
+    """Image `index` of a job beside its first: NAME.png, NAME-2.png, …"""
+    return first_path if index == 0 else first_path.with_name(f"{first_path.stem}-{index + 1}{first_path.suffix}")
+
+
 def save_result(result: Result, model: str, first_path: Path) -> list[Path]:
-    """Write a job's images as NAME.png, NAME-2.png, …"""
-    first_path = Path(first_path)
-    paths = []
-    for i, data in enumerate(encode_result(result, model)):
-        path = first_path if i == 0 else first_path.with_name(f"{first_path.stem}-{i + 1}{first_path.suffix}")
-        paths.append(write_atomic(path, data))
-    return paths
+    return [write_atomic(numbered(Path(first_path), i), data) for i, data in enumerate(encode_result(result, model))]
 
 
 def write_job_outputs(folder: Path, job_id: str, pngs: list[bytes]) -> list[str]:
@@ -105,7 +100,7 @@ def write_job_outputs(folder: Path, job_id: str, pngs: list[bytes]) -> list[str]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, data in enumerate(pngs):
-        path = folder / (f"{job_id}.png" if i == 0 else f"{job_id}-{i + 1}.png")
+        path = numbered(folder / f"{job_id}.png", i)
         for stale in folder.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # a crash's half-written file of this very output
         paths.append(str(write_atomic(path, data)))

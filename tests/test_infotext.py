@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffusiond.clients.infotext import Infotext, format_infotext, job_settings, parse_infotext
 from diffusiond.daemon.pipeline import Request
-from diffusiond.daemon.png import infotext, read_parameters, save_result, write_png
+from diffusiond.daemon.png import encode_png, infotext, read_parameters, save_result, write_atomic
 
 
 def test_round_trip_through_a_png(tmp_path, tiny) -> None:
@@ -16,7 +16,7 @@ def test_round_trip_through_a_png(tmp_path, tiny) -> None:
         'a "quoted" lighthouse, at dusk: oil\non two lines', negative_prompt="blurry, low quality", steps=30,
         guidance_scale=6.5, width=512, height=768, seed=4242, scheduler="dpmpp_2m_karras", rng="torch",
     )
-    path = write_png(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8), infotext(request, "tiny"))
+    path = write_atomic(tmp_path / "a.png", encode_png(np.zeros((8, 8, 3), np.uint8), infotext(request, "tiny")))
     parsed = parse_infotext(read_parameters(path))
     settings, unknown = job_settings(parsed)
     assert unknown == []
