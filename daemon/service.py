@@ -90,52 +90,31 @@ def _quote(argument: str) -> str:
     return '"' + argument.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
 
 
+# What differs between the units: the [Unit] lines, the service type, and extra [Service] lines.
+_UNIT_PARTS = {
+    DAEMON: ("Description=diffusiond, the local text-to-image daemon\n",
+             # READY=1 comes once the model is warm: `systemctl start` returns when jobs can run.
+             "notify", "TimeoutStartSec=900\nTimeoutStopSec=120\n"),
+    HOTFOLDER: (f"Description=diffusiond hot folder: prompt files in, images out\n"
+                f"Wants={UNITS[DAEMON]}\nAfter={UNITS[DAEMON]}\n", "exec", ""),
+    WORKER: ("Description=diffusiond remote worker: this machine's engine for a daemon on another\n", "exec", ""),
+}
+
+
 def systemd_unit(service: Service) -> str:
     command = " ".join(_quote(argument) for argument in service.arguments)
     environment = "".join(f"Environment={_quote(f'{k}={v}')}\n" for k, v in _environment().items())
-    if service.name == DAEMON:
-        return (
-            "[Unit]\n"
-            "Description=diffusiond, the local text-to-image daemon\n\n"
-            "[Service]\n"
-            # READY=1 comes once the model is warm: `systemctl start` returns when jobs can run.
-            "Type=notify\n"
-            f"ExecStart={command}\n"
-            f"{environment}"
-            "WorkingDirectory=%h\n"
-            "Restart=on-failure\n"
-            "RestartSec=5\n"
-            "TimeoutStartSec=900\n"
-            "TimeoutStopSec=120\n\n"
-            "[Install]\n"
-            "WantedBy=default.target\n"
-        )
-    if service.name == WORKER:
-        return (
-            "[Unit]\n"
-            "Description=diffusiond remote worker: this machine's engine for a daemon on another\n\n"
-            "[Service]\n"
-            "Type=exec\n"
-            f"ExecStart={command}\n"
-            f"{environment}"
-            "WorkingDirectory=%h\n"
-            "Restart=on-failure\n"
-            "RestartSec=5\n\n"
-            "[Install]\n"
-            "WantedBy=default.target\n"
-        )
+    unit, kind, extra = _UNIT_PARTS[service.name]
     return (
-        "[Unit]\n"
-        "Description=diffusiond hot folder: prompt files in, images out\n"
-        f"Wants={UNITS[DAEMON]}\n"
-        f"After={UNITS[DAEMON]}\n\n"
+        f"[Unit]\n{unit}\n"
         "[Service]\n"
-        "Type=exec\n"
+        f"Type={kind}\n"
         f"ExecStart={command}\n"
         f"{environment}"
         "WorkingDirectory=%h\n"
         "Restart=on-failure\n"
-        "RestartSec=5\n\n"
+        "RestartSec=5\n"
+        f"{extra}\n"
         "[Install]\n"
         "WantedBy=default.target\n"
     )
