@@ -31,6 +31,7 @@ from diffusiond.daemon.pipeline import Request, resolve
 
 from .daemon_process import Daemon
 from .fake_hub import FakeHub, coreml_listing, published_coreml_repo
+from .test_models import pull as pull_events
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ON_A_MAC = sys.platform == "darwin" and platform.machine() == "arm64"
@@ -197,6 +198,8 @@ def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(ent
         from PIL import Image
 
         assert Image.open(done["outputs"][0]).size == (512, 512)
+        # `diffuse models pull` goes through the downloader thread: torch-free too (cached by now)
+        assert pull_events(daemon, entry.alias, UNITS[entry.alias])[-1]["type"] == "model.downloaded"
     finally:
         daemon.close()
         if hub is not None:
