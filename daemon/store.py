@@ -211,7 +211,7 @@ def _require_disk(name: str, needed: int, folder: Path, detail: str = "") -> Non
     free = shutil.disk_usage(_existing_parent(folder)).free
     if needed > free:
         raise InsufficientDisk(f"{name} needs {needed / 1e9:.1f} GB more{detail} and {free / 1e9:.1f} GB are free in "
-                               f"{_existing_parent(folder)}: free some space (diffuse models rm NAME) and pull again")
+                               f"{_existing_parent(folder)}: free some space (diffuse models remove NAME) and pull again")
 
 
 def _unpack(name: str, archive: Path, target: Path, keep_archive: bool) -> None:
@@ -231,7 +231,9 @@ def _unpack(name: str, archive: Path, target: Path, keep_archive: bool) -> None:
     if not keep_archive:
         blob = archive.resolve()
         archive.unlink()  # the snapshot's link first, so the cache never holds a broken one
-        blob.unlink(missing_ok=True)
+        snapshots = blob.parent.parent / "snapshots"
+        if not any(link.resolve() == blob for link in snapshots.rglob(archive.name)):  # another revision's
+            blob.unlink(missing_ok=True)
 
 
 def _cached(repo: str, file: str, revision: str) -> bool:
