@@ -43,6 +43,18 @@ def lookup(name: str) -> Entry | None:
     return next((entry for entry in CATALOG if name in (entry.alias, entry.repo)), None)
 
 
+def is_palettized(name: str) -> bool:
+    entry = lookup(name)
+    return bool(entry and entry.variant.endswith("palettized"))
+
+
+def float16_variant(name: str) -> Entry | None:
+    """The same model's float16 Core ML entry: what a Mac below macOS 14 runs instead of a palettized one."""
+    entry = lookup(name)
+    return next((e for e in CATALOG if entry and e.runtime == "coreml" and e.variant == "float16"
+                 and e.description == entry.description), None)
+
+
 def repo_for(name: str) -> str:
     """The Hub repo an alias stands for; any other name as it is."""
     entry = lookup(name)

@@ -53,6 +53,7 @@ class Config:
     state_dir: Path = field(default_factory=_default_state_dir)  # the SQLite queue
     runtime_dir: Path = field(default_factory=default_runtime_dir)  # the ipc sockets
     max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
+    keep_archives: bool = False  # keep a Core ML repo's zip in the HF cache after it is unpacked (twice the disk)
     max_loaded: int = 1  # models kept warm at once; loading another unloads the least recently used
     idle_unload: float = 0.0  # seconds unused before a model is unloaded; 0: never
     tcp: str = ""  # "HOST:PORT": also listen on TCP (events on PORT + 1, workers on PORT + 2), CurveZMQ keys only

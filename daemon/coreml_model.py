@@ -2,10 +2,15 @@
 facts the pipeline reads from it.
 
 The shapes come from each network's own description: a compiled .mlmodelc says them in its
-metadata.json, an .mlpackage in its spec. The latent size and channels come from the Unet's
-`sample`, the VAE's factor from VAEDecoder's `z` → `image`. What no shape tells — the VAE's scaling
-factor and the scheduler config — comes from `diffusiond.json`, which `diffusiond convert` writes;
-Apple's published models (Stable Diffusion 1.x and 2 base) lack it and get Stable Diffusion's.
+metadata.json, an .mlpackage in its spec. Only declared inputs are relied on: Apple's compiled
+models declare their outputs with an empty shape (`"shape": "[]"`). The latent size and channels
+come from the Unet's `sample`, the VAE's factor from VAEEncoder's `x` against it (8 without an
+encoder). What no shape tells — the VAE's scaling factor and the scheduler config — comes from
+`diffusiond.json`, which `diffusiond convert` writes; Apple's published models (Stable Diffusion
+1.x and 2 base) lack it and get Stable Diffusion's.
+
+Only SD 1.x/2.x folders are supported: SDXL (TextEncoder2), SD3 (MultiModalDiffusionTransformer)
+and ControlNet (ControlledUnet, extra Unet inputs) are refused at open, naming what is found.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ SD_FACTS: dict[str, Any] = {
         "clip_sample": False, "prediction_type": "epsilon",
     },
 }
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+DEFAULT_VAE_SCALE_FACTOR = 8  # every Stable Diffusion VAE; used when no VAEEncoder tells
+# Networks of the families not supported yet, by the names torch2coreml.py gives them.
+UNSUPPORTED = {
+    "TextEncoder2": "Stable Diffusion XL", "UnetRefiner": "Stable Diffusion XL (refiner)",
+    "MultiModalDiffusionTransformer": "Stable Diffusion 3", "ControlledUnet": "ControlNet",
+    "ControlledUnetChunk1": "ControlNet",
+}
+_UNSUPPORTED_PACKAGES = {"TextEncoder2": "text_encoder_2", "UnetRefiner": "refiner", "MultiModalDiffusionTransformer": "mmdit",
+                         "ControlledUnet": "control-unet", "ControlledUnetChunk1": "control-unet_chunk1"}
+_PALETTE_OP = "constexprLutToDense"  # in a compiled ML program's op histogram: palettized weights (macOS 14)
 _SPEC_DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT32": "int32", "INT8": "int8"}
 _METADATA_DTYPES = {"Float32": "float32", "Float16": "float16", "Double": "float64", "Int32": "int32"}
 
@@ -50,7 +66,8 @@ class Port:
 @dataclass(frozen=True)
 class Description:
     inputs: tuple[Port, ...]
-    outputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]  # shapes may be empty (Apple's compiled models): read names only
+    palettized: bool = False
 
     def input(self, name: str) -> Port:
         return _port(self.inputs, name)
@@ -92,7 +109,9 @@ def description_from_metadata(metadata: list[dict[str, Any]]) -> Description:
         )
 
     entry = metadata[0]
-    return Description(ports(entry["inputSchema"]), ports(entry["outputSchema"]))
+    histogram = entry.get("mlProgramOperationTypeHistogram", {})
+    return Description(ports(entry["inputSchema"]), ports(entry["outputSchema"]),
+                       any(op.endswith(_PALETTE_OP) for op in histogram))
 
 
 def describe(path: Path) -> Description:
@@ -109,17 +128,32 @@ def describe(path: Path) -> Description:
         raise ModelInvalid(f"cannot read the description of {path}: {exc}") from exc
 
 
+def _find(folder: Path, part: str, suffix: str) -> Path | None:
+    compiled = folder / f"{part}.mlmodelc"
+    if compiled.is_dir():
+        return compiled
+    return next(iter(sorted(folder.glob(f"*_{suffix}.mlpackage"))), None)
+
+
 def find_parts(folder: Path) -> dict[str, Path]:
-    """Each network in `folder` by its Apple name; a compiled model beats a package of the same part."""
-    parts = {}
-    for part, suffix in PART_SUFFIXES.items():
-        compiled = folder / f"{part}.mlmodelc"
-        packages = sorted(folder.glob(f"*_{suffix}.mlpackage"))
-        if compiled.is_dir():
-            parts[part] = compiled
-        elif packages:
-            parts[part] = packages[0]
+    """Each network in `folder` by its Apple name; a compiled model beats a package of the same part.
+    With both a Unet and its two chunks (Apple's 1.4 split_einsum, the pcuenq archives) only the
+    chunks, as Apple's pipeline loads them: loading both costs ~1.7 GB and another compile."""
+    parts = {part: path for part, suffix in PART_SUFFIXES.items() if (path := _find(folder, part, suffix))}
+    if {"UnetChunk1", "UnetChunk2"} <= parts.keys():
+        parts.pop("Unet", None)
     return parts
+
+
+def unsupported(folder: Path, parts: dict[str, Description]) -> list[str]:
+    """What makes a Core ML folder another family than SD 1.x/2.x: the networks, the Unet's extra inputs."""
+    found = [f"{family} ({part})" for part, family in UNSUPPORTED.items()
+             if _find(folder, part, _UNSUPPORTED_PACKAGES[part])]
+    unet = parts.get("Unet") or parts.get("UnetChunk1")
+    extra = [p.name for p in unet.inputs if p.name not in UNET_INPUTS] if unet else []
+    if extra:
+        found.append(f"a Unet that takes {', '.join(extra)} beyond {', '.join(UNET_INPUTS)}")
+    return found
 
 
 def is_coreml_folder(folder: Path) -> bool:
@@ -147,6 +181,10 @@ class CoreMLFolder:
             missing.append("vocab.json and merges.txt")
         if missing:
             raise ModelInvalid(f"Core ML model {name} lacks {', '.join(missing)} in {folder.path}")
+        others = unsupported(folder.path, {p: folder.descriptions[p] for p in ("Unet", "UnetChunk1") if p in parts})
+        if others:
+            raise ModelInvalid(f"Core ML model {name} is not supported yet: it has {'; '.join(others)}. "
+                               f"Core ML runs Stable Diffusion 1.x and 2.x; use a diffusers-format model with the torch runtime")
         return folder
 
     @cached_property
@@ -173,8 +211,15 @@ class CoreMLFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        decoder = self.descriptions["VAEDecoder"]
-        return decoder.output("image").shape[-1] // decoder.input("z").shape[-1]
+        """Image rows per latent row: VAEEncoder's `x` against the Unet's `sample` (outputs may declare no shape)."""
+        if "VAEEncoder" not in self.parts:
+            return DEFAULT_VAE_SCALE_FACTOR
+        return self.descriptions["VAEEncoder"].input("x").shape[-2] // self._sample.shape[-2]
+
+    @property
+    def palettized(self) -> bool:
+        """Palettized weights (6-bit lookup tables): Core ML runs them from macOS 14 on."""
+        return bool(self.facts.get("palettized")) or any(d.palettized for d in self.descriptions.values())
 
     @property
     def latent_channels(self) -> int:

@@ -16,18 +16,21 @@ import zmq
 
 from diffusiond.clients.protocol import pack
 
-from . import store
+from . import catalog, store
 from .errors import Cancelled, EngineError
+from .hardware import this_machine
+from .runtimes import refuse_palettized, torch_uses_gpu
 from .worker import WORKER_EVENTS
 
 log = logging.getLogger("diffusiond.downloader")
 
 
 class Downloader(threading.Thread):
-    def __init__(self, context: zmq.Context, device: str) -> None:
+    def __init__(self, context: zmq.Context, device: str, keep_archives: bool = False) -> None:
         super().__init__(name="downloader", daemon=True)
         self.context = context
         self.device = device
+        self.keep_archives = keep_archives
         self.requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self.cancelled: set[str] = set()
         self.active: str | None = None
@@ -51,16 +54,15 @@ class Downloader(threading.Thread):
         self.events.connect(WORKER_EVENTS)
         try:
             while (item := self.requests.get()) is not None:
-                from .runtimes.torch_runtime import pick_device  # torch: here, not on the server's start
-
-                gpu = pick_device(self.device).type != "cpu"
                 name, compute_units = item
                 self.active = name
                 self._emit(name, {"type": "model.downloading"})
                 try:
+                    refuse_palettized(name, catalog.is_palettized(name), this_machine())
                     path = store.pull(
-                        name, gpu, lambda progress: self._emit(name, {"type": "model.download", **progress}),
-                        lambda: name in self.cancelled, compute_units,
+                        name, lambda: torch_uses_gpu(self.device),
+                        lambda progress: self._emit(name, {"type": "model.download", **progress}),
+                        lambda: name in self.cancelled, compute_units, self.keep_archives,
                     )
                 except (Cancelled, EngineError) as exc:
                     self._emit(name, {"type": "model.download_failed", "code": exc.code, "message": str(exc)})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # What `sysctl -n` is asked for; parse_sysctl reads the answers.
 SYSCTL_NAMES = ("machdep.cpu.brand_string", "hw.perflevel0.physicalcpu", "hw.perflevel1.physicalcpu",
                 "hw.physicalcpu", "hw.memsize", "hw.optional.arm64")
+PALETTIZED_MACOS = 14
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,14 @@ class Machine:
     memory_gb: int
     os: str
     has_neural_engine: bool
+
+    @property
+    def runs_palettized(self) -> bool:
+        """Core ML's palettized weights need macOS 14 (Diffusers for Mac hides such models below it)."""
+        if not self.os.startswith("macOS "):
+            return True  # not a Mac: the Core ML runtime refuses anything, for that reason
+        major = self.os.removeprefix("macOS ").split(".")[0]
+        return not major.isdigit() or int(major) >= PALETTIZED_MACOS
 
     @property
     def key(self) -> str:

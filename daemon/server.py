@@ -117,7 +117,7 @@ class Server:
                 lambda: any(p.startswith(b"preview") for p in self.worker.preview_prefixes),
             )
         self.worker.start()
-        self.downloader = Downloader(self.context, self.config.device)
+        self.downloader = Downloader(self.context, self.config.device, self.config.keep_archives)
         self.downloader.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)

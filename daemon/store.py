@@ -117,10 +117,21 @@ def local_path(name: str) -> Path | None:
     return folder if complete else None
 
 
+def _unpacked_repo(repo: str) -> Path:
+    """Where a Core ML repo's archives are unpacked: beside the HF cache, a folder per commit in it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "diffusiond" / "coreml" / repo.replace("/", "--")
+
+
+def _unpacked_root(repo: str, revision: str) -> Path:
+    return _unpacked_repo(repo) / revision
+
+
 def coreml_local_path(name: str) -> Path | None:
     """A Core ML repo's folder of models in Apple's naming (archives unpacked by `pull`); None
     when none is cached."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo, revision = split(name)
@@ -128,7 +139,7 @@ def coreml_local_path(name: str) -> Path | None:
         snapshot = Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError):
         return None
-    unpacked = Path(constants.HF_HOME) / "diffusiond" / "coreml" / repo.replace("/", "--") / snapshot.name
+    unpacked = _unpacked_root(repo, snapshot.name)
     try:
         return coreml_layout.model_dir(unpacked if unpacked.exists() else snapshot)
     except FileNotFoundError:
@@ -137,14 +148,17 @@ def coreml_local_path(name: str) -> Path | None:
 
 def pull(
     name: str,
-    gpu: bool,
+    gpu: bool | Callable[[], bool],
     report: Callable[[dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
     compute_units: str = "cpuAndGPU",
+    keep_archives: bool = False,
 ) -> Path:
     """Download what a runtime needs of a Hub model (files already cached are not fetched again):
-    for a diffusers-format repo the torch runtime's files; for a Core ML repo the variant the
-    compute units need, its archives unpacked. The folder to load from."""
+    for a diffusers-format repo the torch runtime's files (`gpu`: fetch the fp16 weights; a callable
+    is asked only then, as deciding needs torch); for a Core ML repo the variant the compute units
+    need, its archives unpacked and then removed from the cache unless `keep_archives`. The folder
+    to load from."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -155,18 +169,21 @@ def pull(
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         coreml = coreml_layout.is_coreml_repo(list(sizes))
+        unpacked = _unpacked_root(repo, str(info.sha))
         if coreml:
             _variant, files = coreml_layout.coreml_files(list(sizes), compute_units)
+            # An archive already unpacked is not needed again (its blob may be gone).
+            files = [f for f in files if not (f.endswith(".zip") and (unpacked / Path(f).stem).is_dir())]
         else:
-            files = runtime_files(list(sizes), gpu)
+            files = runtime_files(list(sizes), gpu() if callable(gpu) else gpu)
             if "model_index.json" not in files:
                 raise ModelNotFound(f"{name} is neither a diffusers-format model (no model_index.json) nor a Core ML repo")
         cache = Path(constants.HF_HUB_CACHE)
-        cached = {f for f in files if _cached(repo, f, info.sha)}
+        cached = {f for f in files if _cached(repo, f, str(info.sha))}
         missing = sum(sizes[f] for f in files if f not in cached)
-        free = shutil.disk_usage(_existing_parent(cache)).free
-        if missing > free:
-            raise InsufficientDisk(f"{name} needs {missing / 1e9:.1f} GB more and {free / 1e9:.1f} GB are free in {cache}")
+        # An archive's models are unpacked beside it: about as many bytes again (compiled weights hardly compress).
+        unpacking = sum(sizes[f] for f in files if f.endswith(".zip"))
+        _require_disk(name, missing + unpacking, cache, f" ({unpacking / 1e9:.1f} GB of it to unpack the archives)" if unpacking else "")
         meter = _Meter(name, sum(sizes[f] for f in files), report, cancelled)
         meter.done = sum(sizes[f] for f in cached)
         for file in files:
@@ -179,12 +196,8 @@ def pull(
         snapshot = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=files))
         if not coreml:
             return snapshot
-        unpacked = Path(constants.HF_HOME) / "diffusiond" / "coreml" / repo.replace("/", "--") / info.sha
         for archive in (f for f in files if f.endswith(".zip")):
-            target = unpacked / Path(archive).stem
-            if not target.exists():
-                coreml_layout.unpack(snapshot / archive, target.with_name(target.name + ".partial"))
-                target.with_name(target.name + ".partial").rename(target)
+            _unpack(name, snapshot / archive, unpacked / Path(archive).stem, keep_archives)
         return coreml_layout.model_dir(unpacked if unpacked.exists() else snapshot)
     except (coreml_layout.UnsafeArchive, zipfile.BadZipFile) as exc:
         raise DownloadFailed(f"{name}: refused to unpack: {exc}") from None
@@ -192,6 +205,35 @@ def pull(
         raise ModelNotFound(f"no model {repo!r} on the Hub (or it is private: set HF_TOKEN)") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise DownloadFailed(f"downloading {name} failed: {exc}; run it again: files that arrived whole are kept") from None
+
+
+def _require_disk(name: str, needed: int, folder: Path, detail: str = "") -> None:
+    free = shutil.disk_usage(_existing_parent(folder)).free
+    if needed > free:
+        raise InsufficientDisk(f"{name} needs {needed / 1e9:.1f} GB more{detail} and {free / 1e9:.1f} GB are free in "
+                               f"{_existing_parent(folder)}: free some space (diffuse models remove NAME) and pull again")
+
+
+def _unpack(name: str, archive: Path, target: Path, keep_archive: bool) -> None:
+    """Unpack into `target` (through a .partial folder, so a half-unpacked copy is never used); once
+    every entry is there at its size (zipfile checked each CRC), the archive leaves the cache."""
+    with zipfile.ZipFile(archive) as zf:
+        entries = [e for e in zf.infolist() if not e.is_dir()]
+    _require_disk(name, sum(e.file_size for e in entries), target, f" to unpack {archive.name}")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    coreml_layout.unpack(archive, partial)
+    short = [e.filename for e in entries if not (partial / e.filename).is_file()
+             or (partial / e.filename).stat().st_size != e.file_size]
+    if short:
+        raise DownloadFailed(f"{name}: unpacking {archive.name} left {', '.join(short[:3])} incomplete; pull it again")
+    partial.rename(target)
+    if not keep_archive:
+        blob = archive.resolve()
+        archive.unlink()  # the snapshot's link first, so the cache never holds a broken one
+        snapshots = blob.parent.parent / "snapshots"
+        if not any(link.resolve() == blob for link in snapshots.rglob(archive.name)):  # another revision's
+            blob.unlink(missing_ok=True)
 
 
 def _cached(repo: str, file: str, revision: str) -> bool:
@@ -208,26 +250,35 @@ def _existing_parent(path: Path) -> Path:
 
 def remove(name: str) -> int:
     """Delete a Hub model from the cache; the bytes freed."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     repo, _ = split(name)
-    cache = scan_cache_dir()
+    cache = scan_cache_dir(constants.HF_HUB_CACHE)
     revisions = [rev.commit_hash for entry in cache.repos if entry.repo_id == repo for rev in entry.revisions]
     if not revisions:
         raise ModelNotFound(f"{name} is not in the Hugging Face cache")
     strategy = cache.delete_revisions(*revisions)
     strategy.execute()
-    return strategy.expected_freed_size
+    return strategy.expected_freed_size + _remove_unpacked(repo)
+
+
+def _remove_unpacked(repo: str) -> int:
+    """Delete the unpacked copies of a Core ML repo's archives; the bytes freed."""
+    root = _unpacked_repo(repo)
+    if not root.is_dir():
+        return 0
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    shutil.rmtree(root)
+    return size
 
 
 def cached_models() -> list[dict[str, Any]]:
     """Hub models in the Hugging Face cache that a runtime can load, with their size and folder."""
-    from huggingface_hub import scan_cache_dir
-
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # as it is now, not at huggingface_hub's import
     except (CacheNotFound, OSError):  # no cache yet: nothing downloaded
         return []
     found = []
@@ -236,8 +287,11 @@ def cached_models() -> list[dict[str, Any]]:
             continue
         for revision in repo.revisions:
             files = [f.file_name for f in revision.files] + [str(f.file_path.relative_to(revision.snapshot_path)) for f in revision.files]
-            kind = "torch" if "model_index.json" in files else "coreml" if coreml_layout.is_coreml_repo(files) else None
+            unpacked = _unpacked_root(repo.repo_id, revision.commit_hash)
+            coreml = coreml_layout.is_coreml_repo(files) or unpacked.is_dir()
+            kind = "torch" if "model_index.json" in files else "coreml" if coreml else None
             if kind:
-                found.append({"name": repo.repo_id, "runtime": kind, "size": revision.size_on_disk,
+                size = revision.size_on_disk + sum(f.stat().st_size for f in unpacked.rglob("*") if f.is_file())
+                found.append({"name": repo.repo_id, "runtime": kind, "size": size,
                               "path": str(revision.snapshot_path), "revision": revision.commit_hash})
     return found

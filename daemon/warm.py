@@ -58,19 +58,20 @@ class WarmModels:
     def _load(self, name: str, cancelled: Callable[[], bool]) -> None:
         from .compute_units import choose
         from .hardware import this_machine
-        from .runtimes import open_runtime
-        from .runtimes.torch_runtime import pick_device
+        from .runtimes import open_runtime, refuse_palettized, torch_uses_gpu
 
         topic = f"model.{name}".encode()
         try:
             model = ModelFolder.open(name)
         except ModelNotDownloaded:
-            gpu = pick_device(self.config.device).type != "cpu"
+            machine = this_machine()
+            refuse_palettized(name, catalog.is_palettized(name), machine)
             self.emit(topic, {"type": "model.downloading", "model": name})
-            units = choose(self.config.compute_units, self.config.state_dir, this_machine(), name)
+            units = choose(self.config.compute_units, self.config.state_dir, machine, name)
             store.pull(
-                catalog.repo_for(name), gpu, lambda progress: self.emit(topic, {"type": "model.download", **progress}),
-                cancelled, units,
+                catalog.repo_for(name), lambda: torch_uses_gpu(self.config.device),
+                lambda progress: self.emit(topic, {"type": "model.download", **progress}), cancelled, units,
+                self.config.keep_archives,
             )
             model = ModelFolder.open(name)
             self.emit(topic, {"type": "model.downloaded", "model": name, "path": str(model.path)})

@@ -234,3 +234,51 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
     else:  # "-N": the last N bytes
         start, stop = max(size - int(last), 0), size
     return (start, stop) if start < stop else None
+
+
+# The published trees of the catalog's Core ML repos (tests/fixtures/coreml_hub/README.md says where each
+# listing comes from): each file by its path, what it holds given by a mark. Compiled models and packages
+# expand to the files Core ML writes into them; only their metadata.json is data, the rest are stand-ins.
+COREML_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "coreml_hub"
+COMPILED_MODEL_FILES = ("metadata.json", "model.mil", "coremldata.bin", "analytics/coremldata.bin", "weights/weight.bin")
+PACKAGE_FILES = ("Manifest.json", "Data/com.apple.CoreML/model.mlmodel", "Data/com.apple.CoreML/weights/weight.bin")
+
+
+def coreml_listing(repo_id: str) -> dict[str, Any]:
+    return json.loads((COREML_FIXTURES / "repos.json").read_text())[repo_id]
+
+
+def _published_files(path: str, mark: str) -> list[tuple[str, bytes]]:
+    """A listed path's files: a tokenizer file (the tiny model's stands in for CLIP's), a compiled
+    model (its reconstructed metadata.json, stand-in weights), a package or any other file (stand-ins)."""
+    from diffusiond.daemon.model import TINY
+
+    if mark in ("vocab.json", "merges.txt"):
+        return [(path, (TINY / "tokenizer" / mark).read_bytes())]
+    if mark == "package":
+        return [(f"{path}/{name}", f"stand-in for {path}/{name}\n".encode()) for name in PACKAGE_FILES]
+    if mark == "text":
+        return [(path, f"stand-in for {path}\n".encode())]
+    metadata = (COREML_FIXTURES / "metadata" / f"{mark}.json").read_bytes()
+    return [(f"{path}/{name}", metadata if name == "metadata.json" else f"stand-in for {path}/{name}\n".encode())
+            for name in COMPILED_MODEL_FILES]
+
+
+def published_coreml_repo(repo_id: str, folder: Path) -> Path:
+    """Write a catalog Core ML repo's published tree into `folder` for a FakeHub to serve; its zip
+    archives are built here, stored (compiled weights hardly compress), one top folder each as published."""
+    import zipfile
+
+    for path, mark in coreml_listing(repo_id).items():
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(mark, dict):
+            with zipfile.ZipFile(target, "w") as archive:
+                for entry, entry_mark in mark["archive"].items():
+                    for name, data in _published_files(entry, entry_mark):
+                        archive.writestr(name, data)
+            continue
+        for name, data in _published_files(path, mark):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+    return folder

@@ -14,6 +14,7 @@ from ..errors import ModelInvalid
 
 if TYPE_CHECKING:
     from ..coreml_model import CoreMLFolder
+    from ..hardware import Machine
     from ..model import ModelFolder
 
 
@@ -46,15 +47,39 @@ def open_runtime(
     """The runtime a model needs: Core ML models on coreml (with `auto` compute units resolved from
     the bench store in `state_dir`, else the rule), diffusers-format ones on torch (`torch_options`
     go to TorchRuntime). The config's `runtime` only refuses a mismatch, saying what to do."""
-    if model.runtime == "coreml":
+    from ..coreml_model import CoreMLFolder
+
+    if isinstance(model, CoreMLFolder):
         from ..compute_units import choose
         from ..hardware import this_machine
         from .coreml_runtime import CoreMLRuntime
 
-        return CoreMLRuntime(model, choose(compute_units, state_dir, this_machine(), model.name), with_safety_checker)
+        machine = this_machine()
+        refuse_palettized(model.name, model.palettized, machine)
+        return CoreMLRuntime(model, choose(compute_units, state_dir, machine, model.name), with_safety_checker)
     if runtime == "coreml":
         raise ModelInvalid(f"{model.name} is a diffusers-format model and the runtime is coreml: convert it first "
                            f"(diffusiond convert {model.path} --out DIR) and use DIR as the model")
     from .torch_runtime import TorchRuntime
 
     return TorchRuntime(model.path, device, with_safety_checker=with_safety_checker, **torch_options)
+
+
+def refuse_palettized(name: str, palettized: bool, machine: Machine) -> None:
+    """A palettized model on a Mac that cannot run it, refused with the reason and what to use
+    instead (the catalog's float16 variant) before anything is downloaded or loaded."""
+    from .. import catalog
+
+    if palettized and not machine.runs_palettized:
+        instead = catalog.float16_variant(name)
+        use = f"use {instead.alias} ({instead.repo}), its float16 variant," if instead else "use a float16 Core ML model"
+        raise ModelInvalid(f"{name} has palettized weights, which Core ML runs from macOS 14 on, and this Mac has "
+                           f"{machine.os}: {use} or update macOS")
+
+
+def torch_uses_gpu(device: str) -> bool:
+    """Whether the torch runtime would run on a GPU (fp16 weights are then fetched): asked of the
+    torch runtime only when a diffusers-format model is pulled, so Core ML alone needs no torch."""
+    from .torch_runtime import pick_device
+
+    return pick_device(device).type != "cpu"

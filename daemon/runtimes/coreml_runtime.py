@@ -83,8 +83,12 @@ def joined(outputs: list[tuple[Feed, int]], name: str) -> np.ndarray:
     return array if array.dtype == bool else array.astype(np.float32)
 
 
-def _load(path: Path, compute_units: str) -> Any:
-    """The one macOS-only call: Core ML compiles the model for this device (slow the first time)."""
+def _load(path: Path, compute_units: str, name: str) -> Any:
+    """The one macOS-only call: Core ML compiles the model for this device (slow the first time).
+    Its result's `predict(feed)` is the other; tests off a Mac replace this function (tests/coreml_stand_in.py)."""
+    if sys.platform != "darwin":
+        raise ModelInvalid(f"{name} is a Core ML model: it runs on macOS only; on this machine use "
+                           f"its diffusers-format original with the torch runtime")
     import coremltools as ct
 
     units = ct.ComputeUnit[COMPUTE_UNITS[compute_units]]
@@ -95,14 +99,11 @@ def _load(path: Path, compute_units: str) -> Any:
 
 class CoreMLRuntime:
     def __init__(self, model: CoreMLFolder, compute_units: str, with_safety_checker: bool = False) -> None:
-        if sys.platform != "darwin":
-            raise ModelInvalid(f"{model.name} is a Core ML model: it runs on macOS only; on this machine use "
-                               f"its diffusers-format original with the torch runtime")
         if compute_units not in COMPUTE_UNITS:
             raise ModelInvalid(f"unknown compute units {compute_units!r}; choose one of {', '.join(COMPUTE_UNITS)}")
         wanted = [p for p in model.parts if p != "SafetyChecker" or with_safety_checker]
         self.described = model.descriptions
-        self.models = {part: _load(model.parts[part], compute_units) for part in wanted}
+        self.models = {part: _load(model.parts[part], compute_units, model.name) for part in wanted}
 
     def _run(self, part: str, feeds: Iterator[tuple[Feed, int]]) -> list[tuple[Feed, int]]:
         return [(self.models[part].predict(feed), real) for feed, real in feeds]

@@ -1,0 +1,240 @@
+"""A Mac's first run, rehearsed on Linux: the catalog's Core ML repos as published (file names,
+layouts, archives, each model's metadata.json: tests/fixtures/coreml_hub), pulled from the test Hub,
+opened and run by the real daemon — in an environment where torch and diffusers cannot be imported.
+
+Off a Mac, Core ML's load and predict are replaced by tests/fixtures/coreml_stand_in (it says what
+it is): it checks every feed against the model's declared inputs and answers with the shapes
+Apple's pipeline expects. On a Mac (macos.yml) the rehearsal runs without it, against the real Hub
+and Core ML itself, for the model DIFFUSIOND_REAL_COREML names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusiond.daemon import catalog, coreml_layout
+from diffusiond.daemon.coreml_model import CoreMLFolder
+from diffusiond.daemon.errors import ModelInvalid
+from diffusiond.daemon.hardware import parse_sysctl
+from diffusiond.daemon.pipeline import Request, resolve
+
+from .daemon_process import Daemon
+from .fake_hub import FakeHub, coreml_listing, published_coreml_repo
+from .test_models import pull as pull_events
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ON_A_MAC = sys.platform == "darwin" and platform.machine() == "arm64"
+REAL = os.environ.get("DIFFUSIOND_REAL_COREML")  # macos.yml: one catalog alias, pulled from the real Hub
+CORE_ML = [entry for entry in catalog.CATALOG if entry.runtime == "coreml"]
+# What each kind of Mac asks for: the GPU's `original` variant, or the Neural Engine's split_einsum archives
+# (pcuenq's carry a Unet and its chunks). The real run takes the GPU's: it compiles in seconds, not minutes.
+UNITS = {entry.alias: "cpuAndNeuralEngine" if entry.repo.startswith("pcuenq/") and not REAL else "cpuAndGPU"
+         for entry in CORE_ML}
+
+
+def unpacked(repo_id: str, member: str, tmp_path: Path) -> Path:
+    """One archive of a published repo, unpacked as `pull` does: the folder of models inside it."""
+    repo = published_coreml_repo(repo_id, tmp_path / "repo")
+    return coreml_layout.model_dir(coreml_layout.unpack(repo / member, tmp_path / "unpacked"))
+
+
+def test_the_fixtures_replicate_every_catalog_core_ml_repo() -> None:
+    listed = json.loads((FIXTURES / "coreml_hub" / "repos.json").read_text())
+    assert sorted(listed) == sorted(entry.repo for entry in CORE_ML)
+    for entry in CORE_ML:
+        _variant, files = coreml_layout.coreml_files(list(coreml_listing(entry.repo)), UNITS[entry.alias])
+        assert any(f.endswith(".zip") or f.endswith(".mlmodelc") or "/compiled/" in f for f in files), entry.repo
+
+
+def test_apples_empty_output_shapes_leave_the_size_to_the_inputs(tmp_path) -> None:
+    """Apple's compiled models declare `"shape": "[]"` for every output: the VAE's factor comes from
+    VAEEncoder's `x` against the Unet's `sample`, or is Stable Diffusion's 8 without an encoder."""
+    repo = published_coreml_repo("apple/coreml-stable-diffusion-v1-5-palettized", tmp_path / "repo")
+    with_encoder = CoreMLFolder.open(repo / "original" / "compiled", "sd15-coreml-6bit")
+    assert with_encoder.descriptions["VAEDecoder"].output("image").shape == ()
+    assert (with_encoder.vae_scale_factor, with_encoder.default_shape) == (8, (512, 512))
+    request = resolve(Request("a lighthouse"), with_encoder)
+    assert (request.width, request.height) == (512, 512)
+    without = CoreMLFolder.open(unpacked("pcuenq/coreml-stable-diffusion-1-4",
+                                         "coreml-stable-diffusion-1-4_original_compiled.zip", tmp_path), "sd14-coreml")
+    assert "VAEEncoder" not in without.parts and without.default_shape == (512, 512)
+
+
+def test_a_folder_with_a_unet_and_its_chunks_loads_only_the_chunks(tmp_path, monkeypatch) -> None:
+    """Core ML's load is the stand-in here (the boundary this machine lacks); which parts get loaded is ours."""
+    monkeypatch.syspath_prepend(str(FIXTURES / "coreml_stand_in"))
+    import coreml_stand_in
+
+    from diffusiond.daemon.runtimes import coreml_runtime
+
+    folder = unpacked("pcuenq/coreml-stable-diffusion-2-base",
+                      "coreml-stable-diffusion-2-base_split_einsum_compiled.zip", tmp_path)
+    assert (folder / "Unet.mlmodelc").is_dir() and (folder / "UnetChunk1.mlmodelc").is_dir()
+    model = CoreMLFolder.open(folder, "sd2-base-coreml")
+    loaded: list[str] = []
+    monkeypatch.setattr(coreml_runtime, "_load", lambda path, units, name: loaded.append(path.name) or coreml_stand_in.load(path, units, name))
+    runtime = coreml_runtime.CoreMLRuntime(model, "cpuAndNeuralEngine")
+    assert sorted(loaded) == ["TextEncoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc",
+                              "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc"]
+    latents = np.zeros((2, 4, 64, 64), np.float32)
+    assert runtime.predict_noise(latents, np.float32(981), np.zeros((2, 77, 1024), np.float32)).shape == latents.shape
+
+
+@pytest.mark.parametrize(("network", "inputs", "named"), [
+    ("TextEncoder2", None, "Stable Diffusion XL (TextEncoder2)"),
+    ("MultiModalDiffusionTransformer", None, "Stable Diffusion 3"),
+    ("ControlledUnet", None, "ControlNet (ControlledUnet)"),
+    (None, ["time_ids", "text_embeds"], "takes time_ids, text_embeds beyond"),
+])
+def test_sdxl_sd3_and_controlnet_folders_are_refused_at_open_naming_why(network, inputs, named, tmp_path) -> None:
+    """Apple's SD 1.5 folder with what each family adds (torch2coreml.py's names): refused at open."""
+    repo = published_coreml_repo("apple/coreml-stable-diffusion-v1-5-palettized", tmp_path / "repo")
+    folder = repo / "original" / "compiled"
+    if network:
+        shutil.copytree(folder / "TextEncoder.mlmodelc", folder / f"{network}.mlmodelc")
+    if inputs:
+        metadata = json.loads((folder / "Unet.mlmodelc" / "metadata.json").read_text())
+        metadata[0]["inputSchema"] += [{"name": name, "shape": "[2, 6]", "dataType": "Float16", "type": "MultiArray"}
+                                       for name in inputs]
+        (folder / "Unet.mlmodelc" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelInvalid, match=re.escape(named)) as refused:
+        CoreMLFolder.open(folder, "family")
+    assert refused.value.code == "model_invalid" and "torch runtime" in str(refused.value)
+
+
+def test_palettized_models_are_refused_below_macos_14_naming_the_float16_variant(tmp_path) -> None:
+    from diffusiond.daemon.runtimes import refuse_palettized
+
+    m1 = {"machdep.cpu.brand_string": "Apple M1", "hw.perflevel0.physicalcpu": "4", "hw.perflevel1.physicalcpu": "4",
+          "hw.memsize": str(8 * 1024**3), "hw.optional.arm64": "1"}
+    ventura, sonoma = parse_sysctl(m1, "macOS 13.6.1"), parse_sysctl(m1, "macOS 14.5")
+    repo = published_coreml_repo("apple/coreml-stable-diffusion-v1-5-palettized", tmp_path / "repo")
+    palettized = CoreMLFolder.open(repo / "original" / "compiled", "sd15-coreml-6bit")
+    plain = CoreMLFolder.open(unpacked("pcuenq/coreml-stable-diffusion-v1-5",
+                                       "coreml-stable-diffusion-v1-5_original_compiled.zip", tmp_path), "sd15-coreml")
+    assert palettized.palettized and not plain.palettized
+    with pytest.raises(ModelInvalid, match=r"macOS 14 on, and this Mac has macOS 13\.6\.1: use sd15-coreml "
+                                           r"\(pcuenq/coreml-stable-diffusion-v1-5\), its float16 variant"):
+        refuse_palettized("sd15-coreml-6bit", palettized.palettized, ventura)
+    refuse_palettized("sd15-coreml-6bit", palettized.palettized, sonoma)
+    refuse_palettized("sd15-coreml", plain.palettized, ventura)
+
+
+def in_process_hub(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """huggingface_hub reads its endpoint at import: point the constants it reads at the fake Hub."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_pull_needs_room_for_the_archive_and_its_copy_and_then_drops_the_archive(keep, tmp_path, monkeypatch) -> None:
+    """In-process, so the disk can be made small (as in test_models)."""
+    from diffusiond.daemon import store
+
+    repo_id = "pcuenq/coreml-stable-diffusion-2-base"
+    repo = published_coreml_repo(repo_id, tmp_path / "repo")
+    archive = "coreml-stable-diffusion-2-base_original_compiled.zip"
+    size = (repo / archive).stat().st_size
+    with FakeHub({repo_id: repo}) as hub:
+        in_process_hub(hub, tmp_path, monkeypatch)
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(store.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=size * 3 // 2))
+        with pytest.raises(store.InsufficientDisk, match=r"to unpack the archives"):
+            store.pull(repo_id, False, lambda progress: None, compute_units="cpuAndGPU")
+        assert not [r for r in hub.requests if "/resolve/" in r.path]
+        monkeypatch.setattr(store.shutil, "disk_usage", real_usage)
+        folder = store.pull(repo_id, False, lambda progress: None, compute_units="cpuAndGPU", keep_archives=keep)
+    assert CoreMLFolder.open(folder, repo_id).default_shape == (512, 512)
+    snapshots = list((tmp_path / "hf" / "hub").glob("models--*/snapshots/*"))
+    blobs = list((tmp_path / "hf" / "hub").glob("models--*/blobs/*"))
+    assert [p.name for s in snapshots for p in s.iterdir()] == ([archive] if keep else [])
+    assert len(blobs) == (1 if keep else 0)
+    listed = store.cached_models()
+    assert [(m["name"], m["runtime"]) for m in listed] == [(repo_id, "coreml")] and listed[0]["size"] > 0
+    assert store.remove(repo_id) > 0 and store.cached_models() == []
+
+
+@pytest.mark.skipif(ON_A_MAC and not REAL, reason="on a Mac the rehearsal runs against the real Hub: set DIFFUSIOND_REAL_COREML")
+@pytest.mark.parametrize("entry", CORE_ML, ids=[entry.alias for entry in CORE_ML])
+def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(entry, tmp_path, monkeypatch) -> None:
+    """The real daemon, with torch and diffusers unimportable (tests/fixtures/no_torch first on its
+    path): it starts with the model as its default, so being ready means pulled and loaded; then a job."""
+    if REAL and entry.alias != REAL:
+        pytest.skip(f"macos.yml pulls {REAL} only")
+    paths = [str(FIXTURES / "no_torch")] + ([] if REAL else [str(FIXTURES / "coreml_stand_in")])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
+    if not REAL:  # macos.yml: the workflow's HF_HOME, kept between runs and shared with the next test
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    no_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True)
+    assert no_torch.returncode != 0 and "ModuleNotFoundError" in no_torch.stderr
+    hub = None
+    if not REAL:
+        hub = FakeHub({entry.repo: published_coreml_repo(entry.repo, tmp_path / "repo")}).__enter__()
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    daemon = Daemon(tmp_path / "daemon", model=entry.alias, compute_units=UNITS[entry.alias], runtime="coreml")
+    try:
+        daemon.start(wait=False).wait_ready(timeout=3600 if REAL else 120)
+        job = daemon.call("submit", prompt="a lighthouse at dusk", steps=2, seed=3)["job"]["id"]
+        done = daemon.wait_job(job, timeout=600 if REAL else 60)
+        assert done["state"] == "done", (done, daemon.log.read_text()[-3000:])
+        assert [Path(p).suffix for p in done["outputs"]] == [".png"]
+        from PIL import Image
+
+        assert Image.open(done["outputs"][0]).size == (512, 512)
+        # `diffuse models pull` goes through the downloader thread: torch-free too (cached by now)
+        assert pull_events(daemon, entry.alias, UNITS[entry.alias])[-1]["type"] == "model.downloaded"
+    finally:
+        daemon.close()
+        if hub is not None:
+            hub.__exit__(None, None, None)
+    if hub is not None:
+        fetched = {r.path.split("/resolve/main/")[-1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
+        _variant, wanted = coreml_layout.coreml_files(list(hub.repos[entry.repo].files), UNITS[entry.alias])
+        assert fetched == set(wanted)  # the one variant; nothing else
+        assert not list((tmp_path / "hf" / "hub").rglob("*.zip"))  # archives go once unpacked
+
+
+# On a Mac (macos.yml): the published float16 model against the torch runtime on its diffusers
+# original, same seed, same numpy noise. Core ML runs the model in float16 (the torch runtime here in
+# float32 on the CPU) and 20 steps carry the difference along: a first setting, for the macOS job to
+# confirm, of at most 6/255 on average per pixel channel.
+MEAN_TOLERANCE = 6
+
+
+@pytest.mark.skipif(not (ON_A_MAC and REAL), reason="needs Core ML and the real Hub: macos.yml sets DIFFUSIOND_REAL_COREML")
+def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> None:
+    from diffusiond.daemon import store
+    from diffusiond.daemon.model import ModelFolder
+    from diffusiond.daemon.pipeline import Pipeline
+    from diffusiond.daemon.runtimes import open_runtime
+
+    original = REAL.removesuffix("-coreml")  # sd15-coreml → sd15: the catalog's diffusers-format repo
+    assert catalog.lookup(original) and catalog.lookup(original).runtime == "torch"
+    store.pull(catalog.repo_for(REAL), False, lambda progress: None, compute_units="cpuAndGPU")
+    store.pull(catalog.repo_for(original), False, lambda progress: None)
+    request = Request("a lighthouse at dusk, oil painting", steps=20, seed=7, safety_checker=False)
+    images = []
+    for name, runtime in ((REAL, "coreml"), (original, "torch")):
+        model = ModelFolder.open(name)
+        pipeline = Pipeline(model, open_runtime(model, runtime, "cpu", "cpuAndGPU", False, tmp_path))
+        images.append(pipeline.generate(request).images[0].astype(int))
+        del pipeline  # the runner has 7 GB: one model at a time
+    difference = np.abs(images[0] - images[1])
+    assert difference.mean() <= MEAN_TOLERANCE, (difference.mean(), difference.max())
