@@ -210,6 +210,22 @@ def test_long_prompt_is_truncated_and_says_so(pipeline) -> None:
     assert pipeline.generate(Request(PROMPT, steps=1, width=64, height=64, seed=1)).dropped_prompt == ""
 
 
+
+def test_a_truncated_prompt_keeps_the_end_token_and_apples_first_76_hidden_states(pipeline, tiny) -> None:
+    """Apple's TextEncoder.swift keeps the first 77 ids of an over-long prompt (start + 76 tokens,
+    no end token); we keep diffusers' start + 75 tokens + end. CLIP's attention is causal, so the
+    first 76 hidden states are the same either way (docs/engine.md, "Apple's Swift pipeline")."""
+    words = " ".join(f"lighthouse{i}" for i in range(60))
+    from transformers import CLIPTokenizer
+
+    clip = CLIPTokenizer.from_pretrained(str(tiny.tokenizer_dir))
+    apples = np.asarray(clip(words).input_ids[:77], dtype=np.int64)
+    ours = pipeline.tokenizer.encode(words).ids
+    assert ours[-1] == clip.eos_token_id and apples[-1] != clip.eos_token_id
+    hidden = pipeline.runtime.encode_text(np.stack([ours, apples]))
+    np.testing.assert_allclose(hidden[0, :76], hidden[1, :76], atol=1e-5)
+    assert not np.allclose(hidden[0, 76], hidden[1, 76], atol=1e-3)
+
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
