@@ -198,6 +198,7 @@ def swift_resources(out: Path, name: str, progress: Progress) -> Path:
         compiled = resources / f"{package.stem}.mlmodelc"
         if done.returncode != 0 or not compiled.is_dir():
             raise ConversionFailed(f"xcrun coremlcompiler could not compile {package.name} ({done.stderr.strip()}); "
+                                   f"the packages in {out} are whole and diffusiond loads them; for {RESOURCES}/ "
                                    "install Xcode's command-line tools (xcode-select --install) and convert again")
         compiled.rename(target)
     for file in RESOURCE_FILES:

@@ -94,16 +94,20 @@ compiled.mkdir()
 """
 
 
+def put_xcrun_on_path(script: str, folder: Path, monkeypatch) -> None:
+    folder.mkdir()
+    xcrun = folder / "xcrun"
+    xcrun.write_text(script)
+    xcrun.chmod(xcrun.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
 @pytest.fixture
 def stand_in_xcrun(tmp_path, monkeypatch) -> Path:
     """`xcrun` first on PATH: STAND_IN_XCRUN, at the OS boundary this machine lacks (Xcode's
     coremlcompiler runs on macOS only); the log of its calls is returned."""
-    folder, log = tmp_path / "bin", tmp_path / "xcrun.log"
-    folder.mkdir()
-    xcrun = folder / "xcrun"
-    xcrun.write_text(STAND_IN_XCRUN.format(python=sys.executable, log=str(log)))
-    xcrun.chmod(xcrun.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "xcrun.log"
+    put_xcrun_on_path(STAND_IN_XCRUN.format(python=sys.executable, log=str(log)), tmp_path / "bin", monkeypatch)
     return log
 
 
@@ -130,6 +134,23 @@ def test_resources_are_laid_out_as_apples_bundle_for_the_swift_cli(palettized, s
     for file in ("vocab.json", "merges.txt"):
         assert (resources / file).read_bytes() == (TINY / "tokenizer" / file).read_bytes()
     assert len(lines) == 4 and lines[0].startswith("Resources/: compiling")
+
+
+def test_a_mac_without_xcodes_tools_is_told_the_packages_are_whole_and_what_to_install(palettized, tmp_path,
+                                                                                       monkeypatch) -> None:
+    """A stand-in for macOS's /usr/bin/xcrun without Xcode's command-line tools (its message, exit 1)."""
+    import shutil
+
+    from diffusiond.daemon.converter import swift_resources
+    from diffusiond.daemon.errors import ConversionFailed
+
+    message = "xcrun: error: invalid active developer path (/Library/Developer/CommandLineTools)"
+    put_xcrun_on_path(f"#!/bin/sh\necho '{message}' >&2\nexit 1\n", tmp_path / "bin", monkeypatch)
+    out = shutil.copytree(palettized[0], tmp_path / "tiny")
+    with pytest.raises(ConversionFailed) as info:
+        swift_resources(out, "tiny", lambda _: None)
+    assert message in str(info.value) and "xcode-select --install" in str(info.value)
+    assert "packages in" in str(info.value) and info.value.code == "conversion_failed"
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS has xcrun: there convert compiles Resources/")
