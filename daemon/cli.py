@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNITS, help="Core ML models: where they run")
-    convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout")
+    convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout "
+                                  "(on macOS also compiled into Resources/ for Apple's Swift CLI)")
     convert.add_argument("source", help="a diffusers-format folder or Hub repo (org/name)")
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the Core ML models")
     convert.add_argument("--attention", default="split_einsum", choices=("original", "split_einsum"),

@@ -4,7 +4,8 @@ The output loads like Apple's published models: `Stable_Diffusion_version_<name>
 for TextEncoder, Unet, VAEDecoder, VAEEncoder (and SafetyChecker when the source has one) with the
 I/O contract of Apple's models (see docs/coreml.md), vocab.json and merges.txt beside them, and
 `diffusiond.json` with the facts the pipeline reads that no network's shape tells (the VAE's
-scaling factor, the scheduler config).
+scaling factor, the scheduler config). On macOS, `Resources/` holds the same models compiled for
+Apple's Swift pipeline and Diffusers for Mac, as Apple's converter lays it out.
 Conversion needs coremltools, torch and diffusers (`pip install 'diffusiond[convert]'`) and runs on
 Linux too; only running the result needs a Mac.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +25,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .coreml_model import FACTS_FILE, PART_SUFFIXES, PARTS
+from .coreml_model import FACTS_FILE, PART_SUFFIXES, PARTS, describe
 from .errors import ConversionFailed, EngineError
 
 ATTENTIONS = ("original", "split_einsum")
+# Apple's torch2coreml.py --quantize-nbits palettizes the text encoders and the Unets only, the
+# VAE and the safety checker stay float16; and it leaves the embedding table (a gather's) alone.
+PALETTIZED = ("TextEncoder", "Unet")
 TOKENS = 77
 UNET_BATCH = 2  # the unconditional and the conditional prompt in one call, as Apple's models take them
+
+# torch2coreml.py --bundle-resources-for-swift-cli: Resources/ beside the packages, each compiled
+# to <Part>.mlmodelc, with the tokenizer's files; Apple's Swift pipeline and Diffusers for Mac load it.
+RESOURCES = "Resources"
+RESOURCE_FILES = ("vocab.json", "merges.txt", FACTS_FILE, "preprocessor_config.json")  # the last two: ours
+SWIFT_SAFETY_SIZE = (512, 512)  # Swift's SafetyChecker.isSafe feeds `images` of 1×512×512×3, whatever the model's size
 
 Progress = Callable[[str], None]
 
@@ -69,7 +80,7 @@ def _slug(source: str) -> str:
 def convert(
     source: str,
     out: Path,
-    attention: str = "original",
+    attention: str = "split_einsum",
     size: tuple[int, int] | None = None,
     palettize: bool = False,
     progress: Progress = print,
@@ -130,7 +141,7 @@ def convert(
                 minimum_deployment_target=ct.target.macOS13,
                 compute_precision=ct.precision.FLOAT16,
             )
-            if palettize:
+            if palettize and part in PALETTIZED:
                 progress(f"[{number}/{len(jobs)}] {part}: palettizing to 6 bits …")
                 model = _palettize(ct, model)
         except ImportError as exc:
@@ -157,7 +168,53 @@ def convert(
         "scheduler_config": loaded["scheduler_config"],
     }
     (out / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    if shutil.which("xcrun"):
+        swift_resources(out, name, progress)
+    else:
+        progress(f"{RESOURCES}/ for Apple's Swift CLI and Diffusers for Mac: skipped, compiling to .mlmodelc needs "
+                 "xcrun coremlcompiler (macOS with Xcode's command-line tools); diffusiond loads the packages as they are")
     return out
+
+
+def swift_resources(out: Path, name: str, progress: Progress) -> Path:
+    """`out`/Resources as Apple's converter bundles it for the Swift CLI: every converted part in `out`
+    compiled with `xcrun coremlcompiler` to <Part>.mlmodelc, plus vocab.json and merges.txt (and
+    diffusiond's facts, which Swift ignores). A safety checker for another size than 512x512 stays
+    out: Swift would feed it 512x512 images and fail every image."""
+    resources = out / RESOURCES
+    resources.mkdir(exist_ok=True)
+    for part, suffix in PART_SUFFIXES.items():
+        package = out / f"Stable_Diffusion_version_{name}_{suffix}.mlpackage"
+        target = resources / f"{part}.mlmodelc"
+        shutil.rmtree(target, ignore_errors=True)
+        if not package.is_dir():
+            continue
+        if part == "SafetyChecker" and (reason := _swift_safety_refusal(package)):
+            progress(f"{RESOURCES}/: no {target.name}: {reason}")
+            continue
+        progress(f"{RESOURCES}/: compiling {package.name} to {target.name} …")
+        done = subprocess.run(["xcrun", "coremlcompiler", "compile", str(package), str(resources)],
+                              capture_output=True, text=True)
+        compiled = resources / f"{package.stem}.mlmodelc"
+        if done.returncode != 0 or not compiled.is_dir():
+            raise ConversionFailed(f"xcrun coremlcompiler could not compile {package.name} ({done.stderr.strip()}); "
+                                   f"the packages in {out} are whole and diffusiond loads them; for {RESOURCES}/ "
+                                   "install Xcode's command-line tools (xcode-select --install) and convert again")
+        compiled.rename(target)
+    for file in RESOURCE_FILES:
+        if (out / file).is_file():
+            shutil.copyfile(out / file, resources / file)
+    return resources
+
+
+def _swift_safety_refusal(package: Path) -> str | None:
+    """Why Apple's Swift pipeline cannot use this safety checker, or None when it can."""
+    height, width = describe(package).input("images").shape[1:3]
+    if (width, height) == SWIFT_SAFETY_SIZE:
+        return None
+    return (f"the safety checker takes {width}x{height} images and Apple's Swift pipeline (Diffusers for Mac too) "
+            f"feeds it {SWIFT_SAFETY_SIZE[0]}x{SWIFT_SAFETY_SIZE[1]} ones; there it would fail every image, so Swift "
+            f"runs without it (diffusiond uses it); convert at --resolution 512 for a checked Swift folder")
 
 
 def _pull(store: Any, repo: str, progress: Progress) -> Path:
@@ -176,7 +233,8 @@ def _pull(store: Any, repo: str, progress: Progress) -> Path:
 
 def _palettize(ct: Any, model: Any) -> Any:
     config = ct.optimize.coreml.OptimizationConfig(
-        global_config=ct.optimize.coreml.OpPalettizerConfig(nbits=6, mode="kmeans")
+        global_config=ct.optimize.coreml.OpPalettizerConfig(nbits=6, mode="kmeans"),
+        op_type_configs={"gather": None},
     )
     return ct.optimize.coreml.palettize_weights(model, config)
 

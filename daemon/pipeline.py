@@ -193,7 +193,13 @@ class Pipeline:
             begin = r.steps - min(int(r.steps * r.strength), r.steps)
             timesteps = timesteps[begin:]
             scheduler.set_begin_index(begin)
-            latents = scheduler.add_noise(self._encode_image(r, noise), noise(shape), timesteps[0])
+            if r.rng == "numpy":  # Apple's order (generateLatentSamples): the start noise, then the encoder's sample
+                start = noise(shape)
+                image = self._encode_image(r, noise)
+            else:  # diffusers' order (prepare_latents): the encoder's sample, then the start noise
+                image = self._encode_image(r, noise)
+                start = noise(shape)
+            latents = scheduler.add_noise(image, start, timesteps[0])
         timings = {"prepare": time.perf_counter() - started}
 
         def check(i: int) -> None:

@@ -112,6 +112,51 @@ def test_img2img_matches_diffusers(name, pipeline, reference, tiny) -> None:
     assert_close_images(ours.images, theirs)
 
 
+class FirstUnetInput(Recording):
+    """The real runtime, with the VAE encoder's output and the first UNet call's sample kept."""
+
+    def __init__(self, runtime) -> None:
+        super().__init__(runtime)
+        self.moments: np.ndarray | None = None
+        self.first_sample: np.ndarray | None = None
+
+    def encode(self, pixels):
+        self.moments = self.runtime.encode(pixels)
+        return self.moments
+
+    def predict_noise(self, sample, timestep, hidden_states):
+        if self.first_sample is None:
+            self.first_sample = sample
+        return super().predict_noise(sample, timestep, hidden_states)
+
+
+def test_numpy_img2img_draws_the_start_noise_then_the_encoders_sample_as_apple_does(tiny, runtime) -> None:
+    """Apple's StableDiffusionPipeline.generateLatentSamples draws `count` start noises from
+    NumPyRandomSource(seed), then Encoder.encode draws one sample of the image's latent from the
+    same source, then Scheduler.addNoise mixes them with alphas_cumprod at the first kept step
+    (apple/ml-stable-diffusion, swift/StableDiffusion/pipeline, commit e12202c)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    steps, strength, seed, count, size = 10, 0.6, 11, 2, 64
+    init = Image.fromarray(np.random.RandomState(1).randint(0, 256, (size, size, 3), dtype=np.uint8))
+    recording = FirstUnetInput(runtime)
+    Pipeline(tiny, recording).generate(
+        Request(PROMPT, steps=steps, seed=seed, count=count, init_image=init, strength=strength, rng="numpy")
+    )
+    latent_shape = (4, size // 8, size // 8)
+    state = np.random.RandomState(seed)
+    start = state.standard_normal((count, *latent_shape)).astype(np.float32)
+    sample = state.standard_normal((1, *latent_shape))
+    mean, logvar = np.split(recording.moments.astype(np.float64), 2, axis=1)
+    latent = (mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * sample) * tiny.scaling_factor
+    reference = DPMSolverMultistepScheduler.from_config(tiny.scheduler_config)
+    reference.set_timesteps(steps)
+    alpha = float(reference.alphas_cumprod[int(reference.timesteps[steps - int(steps * strength)])])
+    expected = np.sqrt(alpha) * latent + np.sqrt(1 - alpha) * start
+    # dpmpp_2m scales no model input; the guided UNet batch is [uncond, cond] of the same latents.
+    np.testing.assert_allclose(recording.first_sample[:count], expected, atol=1e-4)
+
+
 def test_no_unconditional_pass_when_guidance_is_at_most_one(pipeline, reference, tiny) -> None:
     reference.scheduler = diffusers_scheduler("euler", reference)
     theirs = reference(
@@ -164,6 +209,22 @@ def test_long_prompt_is_truncated_and_says_so(pipeline) -> None:
     assert result.dropped_prompt.endswith("lighthouse58 lighthouse59")
     assert pipeline.generate(Request(PROMPT, steps=1, width=64, height=64, seed=1)).dropped_prompt == ""
 
+
+
+def test_a_truncated_prompt_keeps_the_end_token_and_apples_first_76_hidden_states(pipeline, tiny) -> None:
+    """Apple's TextEncoder.swift keeps the first 77 ids of an over-long prompt (start + 76 tokens,
+    no end token); we keep diffusers' start + 75 tokens + end. CLIP's attention is causal, so the
+    first 76 hidden states are the same either way (docs/engine.md, "Apple's Swift pipeline")."""
+    words = " ".join(f"lighthouse{i}" for i in range(60))
+    from transformers import CLIPTokenizer
+
+    clip = CLIPTokenizer.from_pretrained(str(tiny.tokenizer_dir))
+    apples = np.asarray(clip(words).input_ids[:77], dtype=np.int64)
+    ours = pipeline.tokenizer.encode(words).ids
+    assert ours[-1] == clip.eos_token_id and apples[-1] != clip.eos_token_id
+    hidden = pipeline.runtime.encode_text(np.stack([ours, apples]))
+    np.testing.assert_allclose(hidden[0, :76], hidden[1, :76], atol=1e-5)
+    assert not np.allclose(hidden[0, 76], hidden[1, 76], atol=1e-3)
 
 @pytest.mark.parametrize(
     ("change", "field", "message"),
