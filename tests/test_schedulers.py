@@ -68,6 +68,7 @@ def reference(name: str, config: dict) -> object:
 
 
 def reference_fails(name: str, config: dict, steps: int) -> bool:
+    """Whether diffusers refuses the step count, breaks on it, or silently ends in NaN."""
     ref = reference(name, config)
     try:
         ref.set_timesteps(steps)
@@ -77,7 +78,7 @@ def reference_fails(name: str, config: dict, steps: int) -> bool:
             sample = ref.step(torch.zeros(SHAPE), t, sample, return_dict=False, **kwargs)[0]
     except (ValueError, IndexError):
         return True
-    return False
+    return not torch.isfinite(sample).all()
 
 
 def torch_noise(seed: int):
@@ -188,3 +189,91 @@ def test_config_values_a_scheduler_does_not_implement_are_refused_by_name() -> N
             schedulers.create(name, {**CONFIGS["sd15"], "prediction_type": "flow"})
     with pytest.raises(ValueError, match="thresholding=True"):
         schedulers.create("ddim", {**CONFIGS["sd15"], "thresholding": True})
+
+
+ZERO_SNR = {  # an SD 2.1 zero-SNR fine-tune's config: v-prediction, trailing spacing (Lin et al. 2023, §3)
+    **CONFIGS["sd21_v"],
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
+
+
+@pytest.fixture
+def ieee_sqrt(monkeypatch):
+    """torch's x86 CPU float32 √ comes from MKL and is one ulp off on ~20 % of inputs (NumPy's and
+    torch's on Apple silicon and CUDA are correctly rounded). Zero-SNR's 1 − ᾱ_t/ᾱ_{t−1} cancels
+    near t = 0 and magnifies that ulp to ~0.1 % of σ, so diffusers' schedule runs here with √
+    rounded as IEEE 754 says; diffusers' own code is otherwise unchanged. A stand-in for one
+    platform math routine, not for diffusers."""
+    exact = torch.Tensor.sqrt
+
+    def sqrt(self: torch.Tensor) -> torch.Tensor:
+        return exact(self.double()).float() if self.dtype == torch.float32 else exact(self)
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("name", ["ddim", "lcm", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+def test_zero_snr_schedule_matches_diffusers(name: str, beta_schedule: str, ieee_sqrt) -> None:
+    config = {**ZERO_SNR, "beta_schedule": beta_schedule}
+    ref = reference(name, config)
+    ours = schedulers.create(name, config)
+    np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=0)
+    for steps in range(1, 51):
+        if reference_fails(name, config, steps):
+            continue
+        ref.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+        if hasattr(ref, "sigmas"):
+            np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=0, err_msg=f"{steps} steps")
+
+
+@pytest.mark.parametrize("name", ["ddim", "lcm"])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+def test_zero_snr_with_epsilon_prediction_is_refused_where_alpha_bar_reaches_zero(name: str, spacing: str) -> None:
+    config = {**ZERO_SNR, "prediction_type": "epsilon", "timestep_spacing": spacing}
+    if spacing != "leading":  # leading never reaches t = 999 at these counts, so diffusers stays finite
+        assert reference_fails(name, config, 10)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr with prediction_type='epsilon'.*v_prediction"):
+        schedulers.create(name, config)
+    schedulers.create(name, {**config, "prediction_type": "v_prediction"}).set_timesteps(10)
+
+
+KARRAS_SIGMA_MIN_HEUN = {**CONFIGS["sd15"], "final_sigmas_type": "sigma_min", "solver_type": "heun"}
+
+
+def test_karras_heun_with_sigma_min_is_refused_exactly_where_diffusers_gives_nan() -> None:
+    for steps in range(1, 41):
+        fails = reference_fails("dpmpp_2m_karras", KARRAS_SIGMA_MIN_HEUN, steps)
+        assert fails == (steps >= 15), steps
+        if fails:
+            with pytest.raises(ValueError, match="heun.*zero length"):
+                schedulers.create("dpmpp_2m_karras", KARRAS_SIGMA_MIN_HEUN).set_timesteps(steps)
+        else:
+            assert run_both("dpmpp_2m_karras", KARRAS_SIGMA_MIN_HEUN, steps) >= steps
+    for name in ("dpmpp_2m", "dpmpp_2m_karras"):  # midpoint, or Karras' plain σ, stays finite
+        config = KARRAS_SIGMA_MIN_HEUN if name == "dpmpp_2m" else {**KARRAS_SIGMA_MIN_HEUN, "solver_type": "midpoint"}
+        assert run_both(name, config, 20) >= 20
+
+
+CLIPPED_TRAILING = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "beta_schedule": "squaredcos_cap_v2",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "lambda_min_clipped": -2.0,
+    "timestep_spacing": "trailing",
+}
+
+
+def test_lambda_min_clipped_schedule_with_fewer_timesteps_than_steps_is_refused() -> None:
+    ref = reference("dpmpp_2m", CLIPPED_TRAILING)
+    for steps in range(1, 101):
+        ref.set_timesteps(steps)
+        if len(ref.timesteps) < steps:
+            with pytest.raises(ValueError, match=f"leaves {len(ref.timesteps)} timesteps for {steps} steps"):
+                schedulers.create("dpmpp_2m", CLIPPED_TRAILING).set_timesteps(steps)
+        else:
+            assert run_both("dpmpp_2m", CLIPPED_TRAILING, steps) >= steps
