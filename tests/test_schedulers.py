@@ -71,18 +71,28 @@ def reference(name: str, config: dict) -> object:
     return target.from_config(source.config, **schedulers.overrides(name))
 
 
-def reference_fails(name: str, config: dict, steps: int) -> bool:
-    """Whether diffusers refuses the step count, breaks on it, or silently ends in NaN."""
+def reference_sample(name: str, config: dict, steps: int) -> torch.Tensor:
+    """diffusers' last sample from zero latents and zero model outputs: only the schedule's own arithmetic."""
     ref = reference(name, config)
+    ref.set_timesteps(steps)
+    sample = torch.zeros(SHAPE)
+    for t in ref.timesteps:
+        kwargs = {"generator": torch.Generator()} if "generator" in inspect.signature(ref.step).parameters else {}
+        sample = ref.step(torch.zeros(SHAPE), t, sample, return_dict=False, **kwargs)[0]
+    return sample
+
+
+def reference_fails(name: str, config: dict, steps: int) -> bool:
+    """Whether diffusers refuses the step count or breaks on it."""
     try:
-        ref.set_timesteps(steps)
-        sample = torch.zeros(SHAPE)
-        for t in ref.timesteps:
-            kwargs = {"generator": torch.Generator()} if "generator" in inspect.signature(ref.step).parameters else {}
-            sample = ref.step(torch.zeros(SHAPE), t, sample, return_dict=False, **kwargs)[0]
+        reference_sample(name, config, steps)
     except (ValueError, IndexError):
         return True
-    return not torch.isfinite(sample).all()
+    return False
+
+
+def reference_ends_in_nan(name: str, config: dict, steps: int) -> bool:
+    return not torch.isfinite(reference_sample(name, config, steps)).all()
 
 
 def torch_noise(seed: int):
@@ -239,7 +249,7 @@ def test_zero_snr_schedule_matches_diffusers(name: str, beta_schedule: str, ieee
 def test_zero_snr_with_epsilon_prediction_is_refused_where_alpha_bar_reaches_zero(name: str, spacing: str) -> None:
     config = {**ZERO_SNR, "prediction_type": "epsilon", "timestep_spacing": spacing}
     if spacing != "leading":  # leading never reaches t = 999 at these counts, so diffusers stays finite
-        assert reference_fails(name, config, 10)
+        assert reference_ends_in_nan(name, config, 10)
     with pytest.raises(ValueError, match="rescale_betas_zero_snr with prediction_type='epsilon'.*v_prediction"):
         schedulers.create(name, config)
     schedulers.create(name, {**config, "prediction_type": "v_prediction"}).set_timesteps(10)
@@ -250,7 +260,7 @@ KARRAS_SIGMA_MIN_HEUN = {**CONFIGS["sd15"], "final_sigmas_type": "sigma_min", "s
 
 def test_karras_heun_with_sigma_min_is_refused_exactly_where_diffusers_gives_nan() -> None:
     for steps in range(1, 41):
-        fails = reference_fails("dpmpp_2m_karras", KARRAS_SIGMA_MIN_HEUN, steps)
+        fails = reference_ends_in_nan("dpmpp_2m_karras", KARRAS_SIGMA_MIN_HEUN, steps)
         assert fails == (steps >= 15), steps
         if fails:
             with pytest.raises(ValueError, match="heun.*zero length"):
@@ -433,3 +443,24 @@ def test_swift_flavour_round_trips_through_the_png_infotext(name: str, sampler: 
     settings, unknown = job_settings(parse_infotext(text))
     assert unknown == [] and settings["scheduler"] == sampler
     assert schedulers.from_sampler_name(settings["scheduler"]) == name
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_swift", "pndm_swift"])
+def test_swift_flavours_run_text_and_image_jobs_and_trace_for_the_device_loop(name: str, tiny, runtime) -> None:
+    """The GPU path runs a linear scheduler as a traced plan: the Swift flavours must trace (their last
+    step, x₀, is linear too), and both kinds of job run through the pipeline."""
+    from PIL import Image
+
+    from diffusiond.daemon import linear_steps
+    from diffusiond.daemon.pipeline import Pipeline
+
+    for begin in (0, 3):
+        scheduler = schedulers.create(name, tiny.scheduler_config)
+        scheduler.set_timesteps(10)
+        scheduler.set_begin_index(begin)
+        assert linear_steps.trace(scheduler, scheduler.timesteps[begin:]) is not None
+    pipeline = Pipeline(tiny, runtime)
+    init = Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8))
+    for extra in ({}, {"init_image": init, "strength": 0.6}):
+        result = pipeline.generate(Request("a lighthouse", steps=6, width=64, height=64, seed=1, scheduler=name, **extra))
+        assert result.images[0].shape == (64, 64, 3) and result.request.scheduler == name

@@ -167,7 +167,8 @@ class DPMSolverPP2M(SigmaSteps):
         phi = alpha_t * (np.exp(-h) - 1)
         prev_sample = (sigma_t / sigma_s0) * sample - phi * x0
         if self._lower_order_nums >= 1 and not final:
-            r0 = (lambda_s0 - self._lambda(*self._alpha_sigma(index - 1))) / h
+            with np.errstate(divide="ignore"):  # a zero-length step: r0 = ∞, no correction, as in diffusers
+                r0 = (lambda_s0 - self._lambda(*self._alpha_sigma(index - 1))) / h
             d1 = (1 / r0) * (x0 - previous)
             if config["solver_type"] == "midpoint":
                 prev_sample = prev_sample - (phi / 2) * d1
