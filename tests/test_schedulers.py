@@ -464,3 +464,30 @@ def test_swift_flavours_run_text_and_image_jobs_and_trace_for_the_device_loop(na
     for extra in ({}, {"init_image": init, "strength": 0.6}):
         result = pipeline.generate(Request("a lighthouse", steps=6, width=64, height=64, seed=1, scheduler=name, **extra))
         assert result.images[0].shape == (64, 64, 3) and result.request.scheduler == name
+
+
+@pytest.mark.parametrize(
+    ("changes", "scheduler", "steps", "field", "says"),
+    [
+        ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "ddim", 20, "scheduler", "v_prediction"),
+        ({"final_sigmas_type": "sigma_min", "solver_type": "heun"}, "dpmpp_2m_karras", 20, "steps", "fewer than 15"),
+        ({"prediction_type": "v_prediction"}, "dpmpp_2m_swift", 20, "scheduler", "supported: 'epsilon'"),
+    ],
+)
+def test_refusals_reach_the_job_as_invalid_parameter_at_submit(tmp_path, changes, scheduler, steps, field, says) -> None:
+    """resolve() runs at submit, before the job is queued: the client gets invalid_parameter, nothing runs."""
+    import json
+    import shutil
+
+    from diffusiond.daemon.errors import InvalidParameter
+    from diffusiond.daemon.model import TINY, ModelFolder
+    from diffusiond.daemon.pipeline import resolve
+
+    folder = shutil.copytree(TINY, tmp_path / "model")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+    model = ModelFolder.open(str(folder))
+    with pytest.raises(InvalidParameter, match=says) as refused:
+        resolve(Request("a lighthouse", steps=steps, scheduler=scheduler), model)
+    assert refused.value.field == field and refused.value.code == "invalid_parameter"
+    resolve(Request("a lighthouse", steps=steps, scheduler="euler"), model)
