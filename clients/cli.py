@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8")
-    submit.add_argument("--scheduler", help="pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, lcm")
+    submit.add_argument("--scheduler", help="pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, lcm, dpmpp_2m_swift, pndm_swift")
     submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
     submit.add_argument("--count", type=int, help="images from one generator")
     submit.add_argument("--rng", choices=("numpy", "torch"))

@@ -61,7 +61,7 @@ def assert_close_images(ours: list[np.ndarray], theirs: np.ndarray) -> None:
     assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
 
 
-@pytest.mark.parametrize("name", schedulers.NAMES)
+@pytest.mark.parametrize("name", schedulers.DIFFUSERS_NAMES)
 def test_txt2img_matches_diffusers(name, pipeline, reference) -> None:
     steps = 4 if name == "lcm" else 12
     guidance = 1.5 if name == "lcm" else 7.5
@@ -92,7 +92,7 @@ def test_numpy_latents_match_diffusers_given_the_same_latents(pipeline, referenc
     assert not np.array_equal(result.images[0], result.images[1])
 
 
-@pytest.mark.parametrize("name", schedulers.NAMES)
+@pytest.mark.parametrize("name", schedulers.DIFFUSERS_NAMES)
 def test_img2img_matches_diffusers(name, pipeline, reference, tiny) -> None:
     steps = 8 if name == "lcm" else 10
     img2img = StableDiffusionImg2ImgPipeline(**reference.components)

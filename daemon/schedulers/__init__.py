@@ -2,11 +2,12 @@
 
 Every scheduler takes a diffusers scheduler config (the model's scheduler_config.json) and works
 on float32 NumPy arrays, so the same loop runs on every runtime. Each is tested step for step
-against diffusers' own class.
+against diffusers' own class (the `*_swift` flavours against the rules of Apple's Swift source).
 
 The contract each class keeps:
 
-* ``DIFFUSERS_CLASS`` — the diffusers class it reproduces; ``DEFAULTS`` — that class's config
+* ``DIFFUSERS_CLASS`` — the diffusers class it reproduces (or, for the ``*_swift`` flavours that
+  reproduce Apple's Swift pipeline instead, the class it departs from); ``DEFAULTS`` — that class's config
   defaults (the keys it reads and their values when the config leaves them out).
 * ``init_noise_sigma`` and ``timesteps`` (after ``set_timesteps``).
 * ``set_timesteps(n)``; ``set_begin_index(i)`` before img2img's ``add_noise``.
@@ -74,9 +75,14 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "euler_a": ("euler_ancestral", "EulerAncestral", {}, "Euler a"),
     "ddim": ("ddim", "DDIM", {}, "DDIM"),
     "lcm": ("lcm", "LCM", {}, "LCM"),
+    # Apple's Swift pipeline (Diffusers for Mac), step for step: its image for a seed, not diffusers'.
+    "dpmpp_2m_swift": ("dpmpp_2m_swift", "DPMSolverPP2MSwift", {}, "DPM++ 2M Swift"),
+    "pndm_swift": ("pndm_swift", "PNDMSwift", {}, "PNDM Swift"),
 }
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The schedulers that reproduce their DIFFUSERS_CLASS; the Swift ones depart from it on purpose.
+DIFFUSERS_NAMES: tuple[str, ...] = tuple(name for name in NAMES if not name.endswith("_swift"))
 
 
 def sampler_name(name: str) -> str:

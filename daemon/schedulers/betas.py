@@ -39,7 +39,14 @@ def _linspace32(start: float, stop: float, num: int) -> np.ndarray:
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Make the last timestep pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules…", alg. 1)."""
+    """Make the last timestep pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules…", alg. 1).
+
+    Operation for operation diffusers' float32 computation, so equal to it bit for bit wherever
+    float32 √ is correctly rounded, as IEEE 754 requires (NumPy; torch on Apple silicon and CUDA).
+    torch's x86 CPU build takes √ from MKL, one ulp off on about a fifth of inputs, and
+    1 − ᾱ_t/ᾱ_{t−1} cancels near t = 0, so there diffusers' own σ moves by up to ~0.1 % (more on
+    the cosine schedule) from one machine to another: that is diffusers' rounding, not the schedule.
+    """
     alphas_bar_sqrt = np.sqrt(_cumprod32(1.0 - betas))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
@@ -64,6 +71,18 @@ def betas_from_config(config: dict[str, Any]) -> np.ndarray:
     if config.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return betas
+
+
+def refuse_zero_snr_epsilon(owner: str, config: dict[str, Any]) -> None:
+    """Zero-SNR's last ᾱ is 0, where x₀ = (x − √(1−ᾱ)·ε)/√ᾱ divides by zero: diffusers returns NaN.
+    Schedulers that step on ᾱ itself (DDIM, LCM) refuse an ε-model there (Lin et al. 2023, §3.2:
+    zero SNR needs v-prediction)."""
+    if config.get("rescale_betas_zero_snr") and config["prediction_type"] == "epsilon":
+        raise ValueError(
+            f"{owner} cannot run rescale_betas_zero_snr with prediction_type='epsilon': the last timestep's "
+            "ᾱ is 0 and x₀ = (x − ε)/0 is NaN; zero-SNR models predict v, so set prediction_type to "
+            "'v_prediction' if the model does, or use euler or dpmpp_2m, which keep ᾱ above 0"
+        )
 
 
 def _cumprod32(values: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config, noised, predicted_original, spaced_timesteps
+from .betas import alphas_cumprod_from_config, noised, predicted_original, refuse_zero_snr_epsilon, spaced_timesteps
 
 
 class DDIM:
@@ -37,6 +37,7 @@ class DDIM:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {**self.DEFAULTS, **config}
         check_supported(type(self).__name__, self.config, self.SUPPORTED)
+        refuse_zero_snr_epsilon(type(self).__name__, self.config)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         # The step past t=0 lands on "no noise at all" or, as SD ships, on the first training alpha.
         self.final_alpha_cumprod = (

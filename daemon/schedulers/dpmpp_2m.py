@@ -80,6 +80,12 @@ class DPMSolverPP2M(SigmaSteps):
             timesteps += config["steps_offset"]
         else:
             timesteps = np.arange(last, 0, -train / n).round().astype(np.int64) - 1
+        if len(timesteps) < n:
+            # diffusers steps over the shorter list, and img2img's start runs off its end.
+            raise ValueError(
+                f"this model's lambda_min_clipped={config['lambda_min_clipped']} with trailing spacing leaves "
+                f"{len(timesteps)} timesteps for {n} steps; choose another scheduler (euler, ddim)"
+            )
 
         train_sigmas = training_sigmas(ac)
         if config["use_karras_sigmas"]:
@@ -99,10 +105,28 @@ class DPMSolverPP2M(SigmaSteps):
         last_sigma = train_sigmas[0] if config["final_sigmas_type"] == "sigma_min" else 0.0
         self.sigmas = np.append(sigmas, last_sigma).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
+        if config["solver_type"] == "heun" and any(
+            self.sigmas[i] == self.sigmas[i + 1] for i in range(1, len(self.timesteps)) if not self._first_order_final(i)
+        ):
+            # heun's (e^−h − 1)/h is 0/0 on a step that does not move, as Karras sigmas ending at
+            # sigma_min take at the end; diffusers returns NaN.
+            raise ValueError(
+                f"solver_type='heun' with {config['final_sigmas_type']!r} final sigmas takes a second-order step "
+                f"of zero length at {n} steps (NaN in diffusers too); use fewer than 15 steps or the dpmpp_2m scheduler"
+            )
         self._previous_x0: np.ndarray | None = None
         self._lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _first_order_final(self, index: int) -> bool:
+        """Whether step ``index`` is the last and diffusers takes it at first order."""
+        config, count = self.config, len(self.timesteps)
+        return index == count - 1 and (
+            config["euler_at_final"]
+            or (config["lower_order_final"] and count < 15)
+            or config["final_sigmas_type"] == "zero"
+        )
 
     def scale_model_input(self, sample: np.ndarray, timestep: int) -> np.ndarray:
         return sample
@@ -130,12 +154,8 @@ class DPMSolverPP2M(SigmaSteps):
     ) -> np.ndarray:
         """First order on the first step (no history) and, where diffusers does, the last; else 2M."""
         index = self._current_index(timestep)
-        config, count = self.config, len(self.timesteps)
-        final = index == count - 1 and (
-            config["euler_at_final"]
-            or (config["lower_order_final"] and count < 15)
-            or config["final_sigmas_type"] == "zero"
-        )
+        config = self.config
+        final = self._first_order_final(index)
         sample = np.asarray(sample, dtype=np.float32)
         x0 = self._denoised(model_output, sample, index)
         previous, self._previous_x0 = self._previous_x0, x0
@@ -147,7 +167,8 @@ class DPMSolverPP2M(SigmaSteps):
         phi = alpha_t * (np.exp(-h) - 1)
         prev_sample = (sigma_t / sigma_s0) * sample - phi * x0
         if self._lower_order_nums >= 1 and not final:
-            r0 = (lambda_s0 - self._lambda(*self._alpha_sigma(index - 1))) / h
+            with np.errstate(divide="ignore"):  # a zero-length step: r0 = ∞, no correction, as in diffusers
+                r0 = (lambda_s0 - self._lambda(*self._alpha_sigma(index - 1))) / h
             d1 = (1 / r0) * (x0 - previous)
             if config["solver_type"] == "midpoint":
                 prev_sample = prev_sample - (phi / 2) * d1

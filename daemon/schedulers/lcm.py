@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import Noise, check_supported
-from .betas import alphas_cumprod_from_config, noised, predicted_original
+from .betas import alphas_cumprod_from_config, noised, predicted_original, refuse_zero_snr_epsilon
 
 _SIGMA_DATA = np.float32(0.5)
 
@@ -39,6 +39,7 @@ class LCM:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {**self.DEFAULTS, **config}
         check_supported(type(self).__name__, self.config, self.SUPPORTED)
+        refuse_zero_snr_epsilon(type(self).__name__, self.config)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         self.init_noise_sigma = 1.0
         self.timesteps = np.zeros(0, dtype=np.int64)
