@@ -111,3 +111,56 @@ def test_judge_reads_a_picture_with_noise_on_it() -> None:
         tally.add(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), facts(s))
     for key in ALL:
         assert tally.accuracy(key) >= 0.97, tally.report()
+
+
+def tiny_training_config() -> dict:
+    """The shipped config's shape at toy size and two steps a stage: the script end to end in seconds."""
+    from diffusiond.daemon.models.scenes import train
+
+    config = train.load_config(train.CONFIG)
+    config["log_every"] = 1
+    config["vae"].update(block_out_channels=[8, 8, 8], norm_num_groups=4)
+    config["text_encoder"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    config["unet"].update(block_out_channels=[8, 16, 16], cross_attention_dim=16, norm_num_groups=4)
+    for stage in ("vae", "unet"):
+        config["training"][stage].update(steps=2, batch_size=2, warmup_steps=1)
+    return config
+
+
+def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws_with(tmp_path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from diffusiond.daemon.models.scenes import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.train(tiny_training_config(), tmp_path / "shapes", torch.device("cpu"))
+        pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shapes", safety_checker=None)
+        image = pipe("a red circle on a blue background", num_inference_steps=2,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert image.size == (scene.SIZE, scene.SIZE), "the pipeline's default size is the world's"
+    assert pipe.vae.config.scaling_factor != 0.18215, "the scaling factor is measured on the trained VAE"
+    assert not (tmp_path / "shapes.building").exists()
+
+
+def test_the_shipped_configuration_fits_the_size_budget() -> None:
+    """The model ships in the repository: its float32 weights must stay under 20 MB."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from diffusiond.daemon.models.scenes import train
+
+    config = train.load_config(train.CONFIG)
+    models = (
+        AutoencoderKL(**config["vae"]),
+        UNet2DConditionModel(**config["unet"]),
+        train.text_encoder_for(config, CLIPTokenizer.from_pretrained(train.TOKENIZER)),
+    )
+    weights = sum(p.numel() for model in models for p in model.parameters()) * 4
+    assert weights < 19e6, f"{weights / 1e6:.1f} MB of weights"
+    factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+    assert config["unet"]["sample_size"] * factor == config["vae"]["sample_size"] == scene.SIZE
