@@ -5,8 +5,11 @@ may grade a model's."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from diffusiond.daemon.models.scenes import judge, scene
@@ -127,24 +130,42 @@ def tiny_training_config() -> dict:
     return config
 
 
-def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws_with(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Iterator[Path]:
+    """A model trained by the real script at toy size; its tests run torch on one thread, as
+    two threads on a busy two-core machine are many times slower than one."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from diffusiond.daemon.models.scenes import train
 
+    out = tmp_path_factory.mktemp("trained") / "shapes"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.train(tiny_training_config(), tmp_path / "shapes", torch.device("cpu"))
-        pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shapes", safety_checker=None)
-        image = pipe("a red circle on a blue background", num_inference_steps=2,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+        train.train(tiny_training_config(), out, torch.device("cpu"))
+        yield out
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws_with(trained: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None)
+    image = pipe("a red circle on a blue background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (scene.SIZE, scene.SIZE), "the pipeline's default size is the world's"
     assert pipe.vae.config.scaling_factor != 0.18215, "the scaling factor is measured on the trained VAE"
-    assert not (tmp_path / "shapes.building").exists()
+    assert not trained.with_name("shapes.building").exists()
+
+
+def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_them(trained: Path) -> None:
+    from diffusiond.daemon.models.scenes import evaluate
+
+    tally = evaluate.evaluate(trained, count=2, seed=0, device="cpu")
+    assert all(tally.asked[key] == 2 for key in ALL)
+    assert "shape asked" in tally.report()
 
 
 def test_the_shipped_configuration_fits_the_size_budget() -> None:
