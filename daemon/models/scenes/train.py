@@ -1,0 +1,183 @@
+"""Train the `shapes` model on the scene world: the VAE first, then the UNet and text encoder.
+
+    python -m diffusiond.daemon.models.scenes.train [--config train.toml] [--out daemon/models/shapes]
+
+Built from diffusers' and PyTorch's own pieces (AutoencoderKL, UNet2DConditionModel,
+CLIPTextModel, DDPMScheduler.add_noise, EMAModel, get_scheduler, AdamW), fixed seeds, and written
+as a diffusers folder that StableDiffusionPipeline loads unchanged. Runs on CUDA where there is one,
+else on the CPU (docs/toy-model.md has the timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from . import scene
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "train.toml"
+OUT = HERE.parent / "shapes"
+TOKENIZER = HERE.parent / "tiny" / "tokenizer"  # the tiny model's cut-down CLIP BPE (tests/build_tiny_model.py)
+# Stable Diffusion 1.5's noise schedule, for training and for the shipped sampler alike.
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """`size` training scenes as a tensor in [-1, 1] (N, 3, H, W), and one caption each."""
+    images, captions = [], []
+    for _ in range(size):
+        s = scene.random_scene(rng)
+        images.append(np.asarray(scene.render(s)))
+        captions.append(scene.caption(s, rng).text)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels.to(device), captions
+
+
+def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> None:
+    """Call `step` `steps` times, printing the mean loss and the pace every `log_every` steps."""
+    losses: list[float] = []
+    start = last = time.perf_counter()
+    for i in range(1, steps + 1):
+        losses.append(step(i))
+        if i % log_every == 0 or i == steps:
+            now = time.perf_counter()
+            pace = (log_every if i % log_every == 0 else i % log_every) / (now - last)
+            print(f"{name} step {i}/{steps}  loss {np.mean(losses):.5f}  {pace:.2f} steps/s  "
+                  f"{now - start:.0f} s", flush=True)
+            losses, last = [], now
+
+
+def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
+    """Stage 1: an AutoencoderKL that reconstructs scenes (MSE plus a small KL term)."""
+    settings = config["training"]["vae"]
+    torch.manual_seed(config["seed"])
+    rng = np.random.default_rng(config["seed"])
+    vae = AutoencoderKL(**config["vae"]).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["learning_rate"])
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=settings["warmup_steps"],
+                             num_training_steps=settings["steps"])
+
+    def step(_: int) -> float:
+        pixels, _captions = batch(rng, settings["batch_size"], device)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + settings["kl_weight"] * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    vae.train()
+    run("vae", settings["steps"], config["log_every"], step)
+    vae.eval().requires_grad_(False)
+    # Stable Diffusion's convention: latents times scaling_factor have unit variance.
+    with torch.no_grad():
+        pixels, _captions = batch(rng, 256, device)
+        latents = vae.encode(pixels).latent_dist.sample()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config["text_encoder"],
+    ))
+
+
+def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+                   device: torch.device) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: the UNet and the text encoder together, predicting the noise DDPM added to latents."""
+    settings = config["training"]["unet"]
+    torch.manual_seed(config["seed"] + 1)
+    rng = np.random.default_rng(config["seed"] + 1)
+    unet = UNet2DConditionModel(**config["unet"]).to(device)
+    text_encoder = text_encoder_for(config, tokenizer).to(device)
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings["learning_rate"])
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=settings["warmup_steps"],
+                             num_training_steps=settings["steps"])
+    ema = EMAModel(parameters, decay=settings["ema_decay"])
+    scaling = vae.config.scaling_factor
+
+    def step(_: int) -> float:
+        pixels, captions = batch(rng, settings["batch_size"], device)
+        captions = ["" if rng.random() < settings["caption_dropout"] else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * scaling
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.step(parameters)
+        return loss.item()
+
+    unet.train()
+    text_encoder.train()
+    run("unet", settings["steps"], config["log_every"], step)
+    ema.copy_to(parameters)
+    return unet.eval(), text_encoder.eval()
+
+
+def train(config: dict[str, Any], out: Path, device: torch.device) -> None:
+    """Both stages, then the diffusers folder (written beside `out` and renamed into place)."""
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    vae = train_vae(config, device)
+    unet, text_encoder = train_denoiser(config, vae, tokenizer, device)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        # Stable Diffusion 1.5's sampler configuration, on the schedule the model was trained with.
+        scheduler=PNDMScheduler(**SCHEDULE, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.to("cpu").save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"training on {device} with {torch.get_num_threads()} threads", flush=True)
+    train(load_config(args.config), args.out, device)
+
+
+if __name__ == "__main__":
+    main()
