@@ -152,7 +152,15 @@ def pull(
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFound(f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; pull it while online")
     try:
-        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        try:
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        except Exception as exc:
+            if not _network_error(exc):
+                raise
+            raise ModelNotFound(
+                f"{name} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}: {exc}). "
+                f"Pull it while online (`diffuse models pull {name}`); a local folder is given as a path, e.g. ./{name}"
+            ) from None
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         coreml = coreml_layout.is_coreml_repo(list(sizes))
         if coreml:
@@ -192,6 +200,13 @@ def pull(
         raise ModelNotFound(f"no model {repo!r} on the Hub (or it is private: set HF_TOKEN)") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise DownloadFailed(f"downloading {name} failed: {exc}; run it again: files that arrived whole are kept") from None
+
+
+def _network_error(exc: Exception) -> bool:
+    """Whether the first contact with the Hub failed for want of a network: huggingface_hub raises
+    its HTTP library's own errors for that (requests, httpx or httpx2, by version), not HfHubHTTPError."""
+    root = type(exc).__module__.split(".")[0]
+    return root in ("requests", "urllib3", "httpx", "httpx2")
 
 
 def _cached(repo: str, file: str, revision: str) -> bool:

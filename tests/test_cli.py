@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -13,17 +15,17 @@ from diffusiond.daemon.png import read_parameters
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(*args: str) -> subprocess.CompletedProcess:
+def generate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "diffusiond.daemon.cli", "generate", *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=None if env is None else {**os.environ, **env},
     )
 
 
 def test_generate_writes_pngs_with_their_settings(tmp_path) -> None:
     out = tmp_path / "lighthouse.png"
     done = generate("a lighthouse at dusk", "-o", str(out), "--steps", "3", "--size", "64x96", "--seed", "9",
-                    "--count", "2", "--scheduler", "euler_a")
+                    "--count", "2", "--scheduler", "euler_a", env={"DIFFUSE_PROGRESS": "1"})
     assert done.returncode == 0, done.stderr
     paths = done.stdout.split()
     assert paths == [str(out), str(tmp_path / "lighthouse-2.png")]
@@ -37,6 +39,31 @@ def test_bad_parameters_exit_2_with_the_reason(tmp_path) -> None:
     done = generate("x", "-o", str(tmp_path / "x.png"), "--size", "100x64")
     assert done.returncode == 2
     assert "width: must be a multiple of 8" in done.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_into_a_pipe_it_writes_plain_lines_and_loads_quietly(tmp_path) -> None:
+    done = generate("x", "-o", str(tmp_path / "x.png"), "--steps", "2", "--size", "64x64")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stderr and "\r" not in done.stderr  # no bar redrawn into a pipe
+    assert "accelerate" not in done.stderr and "Loading weights" not in done.stderr
+    assert done.stderr.splitlines()[0] == "loading tiny …" and done.stderr.splitlines()[-1].startswith("seed ")
+
+
+def test_arguments_are_checked_before_the_model_loads(tmp_path) -> None:
+    for bad, reason in ((["--steps", "0"], "steps: must be an integer from 1"), (["--size", "0x0"], "width:"),
+                        (["--count", "99"], "count:")):
+        started = time.monotonic()
+        done = generate("x", "-o", str(tmp_path / "x.png"), *bad)
+        assert done.returncode == 2 and reason in done.stderr, done.stderr
+        assert "loading" not in done.stderr, f"{bad} was refused only after loading the model"
+        assert time.monotonic() - started < 30
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    done = generate("x", "-o", str(tmp_path / "x.png"), "--init-image", str(text))
+    assert done.returncode == 2 and "not an image PIL can read" in done.stderr and "Traceback" not in done.stderr
+    done = generate("   ", "-o", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "prompt: holds only spaces" in done.stderr
     assert not (tmp_path / "x.png").exists()
 
 
