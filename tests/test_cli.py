@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from diffusiond.clients.infotext import parse_infotext
 from diffusiond.daemon.png import read_parameters
@@ -42,12 +44,22 @@ def test_bad_parameters_exit_2_with_the_reason(tmp_path) -> None:
     assert not (tmp_path / "x.png").exists()
 
 
-def test_into_a_pipe_it_writes_plain_lines_and_loads_quietly(tmp_path) -> None:
-    done = generate("x", "-o", str(tmp_path / "x.png"), "--steps", "2", "--size", "64x64")
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory) -> subprocess.CompletedProcess:
+    """One `diffusiond generate` with stderr into a pipe, as a script or a log would run it."""
+    done = generate("x", "-o", str(tmp_path_factory.mktemp("piped") / "x.png"), "--steps", "2", "--size", "64x64")
     assert done.returncode == 0, done.stderr
-    assert "\x1b" not in done.stderr and "\r" not in done.stderr  # no bar redrawn into a pipe
-    assert "accelerate" not in done.stderr and "Loading weights" not in done.stderr
-    assert done.stderr.splitlines()[0] == "loading tiny …" and done.stderr.splitlines()[-1].startswith("seed ")
+    return done
+
+
+def test_into_a_pipe_no_progress_bar_is_drawn(piped) -> None:
+    assert "\x1b" not in piped.stderr and "\r" not in piped.stderr
+
+
+def test_a_model_loads_quietly_saying_once_what_it_loads(piped) -> None:
+    assert "accelerate" not in piped.stderr and "Loading weights" not in piped.stderr
+    assert piped.stderr.splitlines() == ["loading tiny …", piped.stderr.splitlines()[-1]]
+    assert piped.stderr.splitlines()[-1].startswith("seed ")
 
 
 def test_arguments_are_checked_before_the_model_loads(tmp_path) -> None:
