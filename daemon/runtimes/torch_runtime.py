@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 log = logging.getLogger("diffusiond.torch")
+_Network = TypeVar("_Network")
 SWITCHES = ("auto", "on", "off")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_LOOPS = 4  # captured loops (one per latent shape and step bucket) kept; each holds a graph's memory
@@ -99,11 +100,11 @@ if not _LOW_MEMORY:
     log.info("accelerate is not installed: each model load briefly holds its weights twice in memory")
 
 
-def _load(kind: type, folder: Path, **options: object) -> torch.nn.Module:
+def _load(kind: type[_Network], folder: Path, **options: object) -> _Network:
     """One network from its folder; a file that is missing, truncated or not weights is the
     model's fault (model_invalid, naming the file), not the output's or a bug's."""
     try:
-        return kind.from_pretrained(folder, low_cpu_mem_usage=_LOW_MEMORY, **options)
+        return kind.from_pretrained(folder, low_cpu_mem_usage=_LOW_MEMORY, **options)  # type: ignore[attr-defined]
     except (OSError, ValueError, RuntimeError) as exc:
         weights = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
         where = weights[0] if len(weights) == 1 else folder
