@@ -38,6 +38,24 @@ def size_argument(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
 
 
+def path_argument(text: str) -> Path:
+    """argparse type of a path: an empty one would quietly mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder (`.` for this folder)")
+    return Path(text)
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a --timeout: refused here, before anything is submitted."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds must be a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be above 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffuse", description="Make images with the local diffusiond daemon.",
@@ -64,14 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
     submit.add_argument("--count", type=int, help="images from one generator")
     submit.add_argument("--rng", choices=("numpy", "torch"))
-    submit.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    submit.add_argument("--init-image", type=path_argument, help="img2img: start from this image")
     submit.add_argument("--strength", type=float, help="img2img: how far to move from the init image (0–1]")
     submit.add_argument("--no-safety-checker", action="store_true")
-    submit.add_argument("-o", "--out", type=Path, help="folder for the images (default: the daemon's)")
+    submit.add_argument("-o", "--out", type=path_argument, help="folder for the images (default: the daemon's)")
     submit.add_argument("--priority", type=int, help="higher runs first")
-    submit.add_argument("--reuse", type=Path, metavar="IMAGE.png", help="take every setting, seed included, from an earlier image; flags override")
+    submit.add_argument("--reuse", type=path_argument, metavar="IMAGE.png", help="take every setting, seed included, from an earlier image; flags override")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 5; the job goes on)")
+    submit.add_argument("--timeout", type=_seconds, help="give up waiting after this many seconds (exit 5; the job goes on)")
 
     jobs = commands.add_parser("jobs", help="the queue and its history, newest first")
     jobs.add_argument("--state", action="append", choices=STATES, help="only these states (repeatable)")
@@ -94,11 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--compute-units", default="auto",
                       choices=("auto", "cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly"),
                       help="Core ML models: the variant these compute units run best")
-    pull.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 5)")
+    pull.add_argument("--timeout", type=_seconds, help="give up waiting after this many seconds (exit 5)")
     models_commands.add_parser("remove", help="delete a downloaded Hub model").add_argument("name")
     hot = commands.add_parser("hotfolder", help="turn .txt prompt files dropped into DIR into images (runs until stopped)")
-    hot.add_argument("dir", type=Path)
-    hot.add_argument("--out", type=Path, help="folder for the images (default: DIR/out)")
+    hot.add_argument("dir", type=path_argument)
+    hot.add_argument("--out", type=path_argument, help="folder for the images (default: DIR/out)")
     hot.add_argument("--settle", type=float, default=1.0,
                      help="seconds a file's size must hold still before it is read, where the OS reports no close")
     return parser
@@ -122,19 +140,30 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["prompt"] = args.prompt
     if "prompt" not in fields:
         raise ValueError("give a prompt, or --reuse an image")
-    for name in ("negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "model", "count", "rng",
-                 "strength", "priority"):
+    for name in ("negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "count", "rng", "strength",
+                 "priority"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.model is not None:
+        fields["model"] = model_name(args.model)
     if args.size:
         fields["width"], fields["height"] = args.size
     if args.no_safety_checker:
         fields["safety_checker"] = False
     if args.init_image:
-        fields["init_image"] = args.init_image.read_bytes()
+        fields["init_image"] = args.init_image.read_bytes()  # the daemon says when it is not an image
     if args.out:
         fields["output_dir"] = str(args.out.expanduser().resolve())
     return fields
+
+
+def model_name(text: str) -> str:
+    """A model as the daemon must see it: a folder here — named like a path, or existing — as its
+    absolute path (as -o and --init-image are), anything else (alias, Hub id) as given."""
+    path = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) or path.is_dir():
+        return str(path.resolve())
+    return text
 
 
 class Progress:
@@ -210,9 +239,30 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"]))
+        when = _when(job["created"])
         prompt = job["params"]["prompt"].replace("\n", " ")
         print(f"{job['id']}  {job['state']:<9} {when}  p{job['priority']:<3} {prompt[:60]}")
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _show(job: dict[str, Any]) -> None:
+    """One job for a person: times as local times, settings one a line, the error in words."""
+    for key in ("id", "state", "model", "priority", "attempts", "output_dir", "idempotency_key"):
+        if job.get(key) is not None:
+            print(f"{key:>16}: {job[key]}")
+    for key in ("created", "started", "finished"):
+        print(f"{key:>16}: {_when(job.get(key))}")
+    for path in job.get("outputs") or []:
+        print(f"{'output':>16}: {path}")
+    if job.get("error"):
+        print(f"{'error':>16}: {job['error'].get('message')} ({job['error'].get('code')})")
+    print(f"{'settings':>16}:")
+    for key, value in {**job.get("params", {}), **(job.get("result") or {})}.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        print(f"{key:>16}  {text}".replace("\n", "\n" + " " * 18))
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -227,7 +277,8 @@ def _describe(event: dict[str, Any]) -> str:
     elif kind == "job.failed":
         detail = f"{event.get('code')}: {event.get('message')}"
     elif kind == "job.resync":
-        detail = f"(events were missed; now {event['state']['state']})"
+        now = event["state"]["state"]
+        detail = f"(events were missed; now {now})" if event.get("missed", True) else f"is {now}"
     if event.get("worker"):
         detail = f"{detail} [worker {event['worker']}]"
     return f"{when} {kind:<16} {subject} {detail}".rstrip()
@@ -332,17 +383,20 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return EXIT_DONE
     if args.command == "show":
         job = client.get(args.id)
-        if args.json:
-            _print_json(job)
-        else:
-            for key, value in job.items():
-                print(f"{key:>16}: {value}")
+        _print_json(job) if args.json else _show(job)
         return EXIT_DONE
     if args.command == "cancel":
         if args.all == bool(args.id):
             raise ValueError("cancel takes a job id or --all")
         cancelled = client.cancel_all_queued() if args.all else [client.cancel(args.id)["id"]]
-        _print_json({"cancelled": cancelled}) if args.json else print("\n".join(cancelled))
+        if args.json:
+            _print_json({"cancelled": cancelled})
+        else:
+            for job_id in cancelled:
+                print(job_id)
+            if args.all:
+                print(f"diffuse: cancelled {len(cancelled)} queued job{'s' * (len(cancelled) != 1)}"
+                      f"{'' if cancelled else ' (none was queued)'}; a running job goes on", file=sys.stderr)
         return EXIT_DONE
     if args.command in ("pause", "resume"):
         getattr(client, args.command)()
@@ -388,7 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffuse: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(client, args)
+        code = _run(client, args)
+        sys.stdout.flush()  # here, where a closed pipe is caught
+        return code
+    except BrokenPipeError:
+        # The reader went away (`diffuse show ID | head`): what it wanted it has; no traceback
+        # now, and none when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_DONE
     except DaemonUnreachable as exc:
         print(f"diffuse: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -20,7 +20,17 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from .protocol import DAEMON_TOPIC, FINISHED, VERSION, default_runtime_dir, endpoints, pack, unpack
+from .protocol import (
+    DAEMON_TOPIC,
+    FINISHED,
+    HARD_MESSAGE_BYTES,
+    VERSION,
+    Code,
+    default_runtime_dir,
+    endpoints,
+    pack,
+    unpack,
+)
 
 
 class ClientError(Exception):
@@ -58,6 +68,24 @@ class JobCancelled(ClientError):
 
 
 _TERMINAL_EVENTS = {"job.done", "job.failed", "job.cancelled"}
+
+
+def _unsendable(name: str, value: Any) -> str | None:
+    """Why msgpack cannot carry this field's value (an integer beyond 64 bits, text that is not
+    Unicode), in the user's terms; None when it can."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return f"{name}: {value} does not fit in 64 bits"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"{name}: not valid text (a lone surrogate {value[exc.start]!r} at character {exc.start}; "
+                    "was it read with the wrong encoding?)")
+    if isinstance(value, (list, tuple)):
+        return next((why for item in value if (why := _unsendable(name, item))), None)
+    return None
 
 
 def _public_key(path: Path) -> bytes:
@@ -131,14 +159,22 @@ class Client:
         if self._socket is None:
             self._socket = self._socket_of(zmq.DEALER)
             self._socket.connect(self.request_endpoint)
+        for name, value in fields.items():
+            if why := _unsendable(name, value):
+                raise RequestFailed(Code.INVALID_PARAMETER, why)
         request_id = next(self._ids)
-        self._socket.send(pack({"v": VERSION, "op": op, "id": request_id, **fields}))
+        frame = pack({"v": VERSION, "op": op, "id": request_id, **fields})
+        if len(frame) > HARD_MESSAGE_BYTES:  # ZeroMQ would drop it unanswered
+            raise RequestFailed(Code.MESSAGE_TOO_LARGE, f"the request is {len(frame)} bytes; at most {HARD_MESSAGE_BYTES}")
+        self._socket.send(frame)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while (remaining := deadline - time.monotonic()) > 0:
             if not self._socket.poll(int(remaining * 1000) + 1):
                 break
             reply = unpack(self._socket.recv())
-            if reply.get("id") != request_id:
+            # An error without an id answers a request the daemon could not read an id from: with
+            # one request in flight on this socket, ours.
+            if reply.get("id") != request_id and not (reply.get("id") is None and not reply.get("ok")):
                 continue  # a late reply to a request that timed out earlier
             if not reply.get("ok"):
                 error = reply.get("error") or {}
@@ -213,7 +249,7 @@ class Client:
         try:
             if job_id:
                 job = self.get(job_id)
-                yield {"type": "job.resync", "job": job_id, "state": job}
+                yield {"type": "job.resync", "job": job_id, "state": job, "missed": False}
                 if job["state"] in FINISHED:
                     return
             while True:
@@ -224,7 +260,7 @@ class Client:
                 seen = last.get(topic)
                 if seen is not None and event.get("topic_seq") != seen + 1 and topic.startswith(b"job."):
                     missed = topic.decode().removeprefix("job.")
-                    yield {"type": "job.resync", "job": missed, "state": self.get(missed)}
+                    yield {"type": "job.resync", "job": missed, "state": self.get(missed), "missed": True}
                 last[topic] = event.get("topic_seq", 0)
                 if event.get("type") in _TERMINAL_EVENTS or event.get("type") == "job.requeued":
                     del last[topic]  # the daemon starts this topic's count again

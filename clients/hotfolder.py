@@ -11,6 +11,7 @@ each step below is a rename, safe to repeat.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import queue
@@ -51,6 +52,20 @@ def free_name(folder: Path, stem: str, suffix: str) -> Path:
         n += 1
         candidate = folder / f"{stem}-{n}{suffix}"
     return candidate
+
+
+def prompt_text(data: bytes) -> str:
+    """A prompt file's text: UTF-8 (a byte-order mark dropped), or UTF-16 with its byte-order mark,
+    as Windows editors save "Unicode" text. ValueError in plain words otherwise."""
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"prompt files are UTF-8 text (or UTF-16 with a byte-order mark); this one is not "
+            f"(byte 0x{data[exc.start]:02x} at {exc.start}): save it as UTF-8"
+        ) from None
 
 
 @dataclass
@@ -154,8 +169,11 @@ class HotFolder:
             observer.stop()
             observer.join(timeout=5)
 
-    def _progress(self) -> None:
-        """A line per step of each file's job, from the daemon's events (the queue stays the record)."""
+    def _progress(self, until_done: str | None = None) -> None:
+        """A line per step of each file's job, from the daemon's events (the queue stays the record).
+
+        With ``until_done``, a job followed so far and now finished: its last step line is due, and
+        its events may still be on their way, so wait (a second at most) for its final event."""
         if self.events is None:
             if self.daemon_down or not self.pending:
                 return
@@ -165,10 +183,13 @@ class HotFolder:
                 return
         files = {item.job_id: item.path.name for item in self.pending.values() if item.job_id}
         now = time.monotonic()
-        while self.events.poll(0):
+        deadline = now + (1.0 if until_done in self.last_line else 0.0)
+        while self.events.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             _, body = self.events.recv_multipart()
             event = unpack(body)
             job = event.get("job")
+            if job == until_done and event.get("type") in ("job.done", "job.failed", "job.cancelled"):
+                break
             if event.get("type") != "job.progress" or job not in files:
                 continue
             # At most a line a second per file, and the last step always.
@@ -208,12 +229,12 @@ class HotFolder:
         try:
             if len(data) > MAX_PROMPT_FILE_BYTES:
                 raise ValueError(f"prompt files are at most {MAX_PROMPT_FILE_BYTES} bytes")
-            fields, unknown = job_settings(parse_infotext(data.decode("utf-8")))
+            fields, unknown = job_settings(parse_infotext(prompt_text(data)))
             if unknown:
                 raise ValueError(f"unknown settings: {', '.join(unknown)}")
             if not fields["prompt"]:
                 raise ValueError("the file holds no prompt")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             self._fail(item, str(exc))
             return
         # The file's identity and content: the same drop gets the same job, a new drop a new one.
@@ -230,6 +251,7 @@ class HotFolder:
             self._finish(item, job)
 
     def _finish(self, item: Pending, job: dict[str, Any]) -> None:
+        self._progress(until_done=job["id"])
         if job["state"] != "done":
             error = job.get("error") or {}
             self._fail(item, f"{error.get('message', job['state'])} ({error.get('code', job['state'])})")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from diffusiond.clients.cli import Progress, size_argument
+from diffusiond.clients.cli import Progress, path_argument, size_argument
 
 from . import schedulers
 from .coreml_layout import COMPUTE_UNITS
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("service-status", help="whether each login service is loaded and running, and its logs")
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--out", type=Path, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
+    gen.add_argument("-o", "--out", type=path_argument, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
     gen.add_argument("-m", "--model", default="tiny", help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
     gen.add_argument("-n", "--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{Limits.count}")
     gen.add_argument("--rng", default="numpy", choices=("numpy", "torch"),
                      help="numpy: Apple/Diffusers for Mac seeds; torch: diffusers' CPU generator seeds")
-    gen.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    gen.add_argument("--init-image", type=path_argument, help="img2img: start from this image")
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -87,14 +88,20 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .errors import InvalidParameter
     from .model import ModelFolder
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, resolve
     from .config import load
     from .png import save_result
     from .runtimes import open_runtime
 
     width, height = args.size or (None, None)
-    init_image = Image.open(args.init_image) if args.init_image else None
+    init_image = None
+    if args.init_image:
+        try:
+            init_image = Image.open(args.init_image)
+        except Image.UnidentifiedImageError:
+            raise InvalidParameter("init_image", f"{args.init_image} is not an image PIL can read; give a PNG, JPEG or WebP file") from None
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
@@ -102,6 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
         safety_checker=not args.no_safety_checker,
     )
     model = ModelFolder.open(args.model)
+    resolve(request, model)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     options = {}
     if model.runtime == "torch":  # one image: compiling or capturing graphs would not pay
@@ -111,7 +119,8 @@ def _generate(args: argparse.Namespace) -> int:
     runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
                            model.has_safety_checker and request.safety_checker, load().state_dir, **options)
     pipeline = Pipeline(model, runtime)
-    progress, started = Progress(enabled=True), time.monotonic()
+    # A redrawn bar for a terminal only: into a pipe or a log it would be terminal escapes.
+    progress, started = Progress(enabled=sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1"), time.monotonic()
 
     def on_step(step: int, total: int, _latents: object) -> None:
         eta = (time.monotonic() - started) / step * (total - step)

@@ -15,7 +15,7 @@ from typing import Any
 
 from diffusiond.clients.protocol import default_runtime_dir
 
-from .pipeline import Limits
+from .pipeline import MIN_SIZE, Limits
 
 
 def _home(*parts: str) -> Path:
@@ -113,7 +113,14 @@ def load(path: Path | None = None) -> Config:
             unknown = set(value) - set(limit_kinds)
             if unknown:
                 raise ValueError(f"config {path}: unknown limits {sorted(unknown)}; known: {', '.join(limit_kinds)}")
-            values[key] = Limits(**{k: _typed(f"limits.{k}", v, types[limit_kinds[k]]) for k, v in value.items()})
+            limits = {k: _typed(f"limits.{k}", v, types[limit_kinds[k]]) for k, v in value.items()}
+            ceiling = Limits()
+            for name, limit in limits.items():
+                # The built-in limits are what the engine is tested and sized for: a config lowers them.
+                most, least = getattr(ceiling, name), {"guidance": 0, "size": MIN_SIZE}.get(name, 1)
+                if not least <= limit <= most:
+                    raise ValueError(f"config {path}: limits.{name} must be from {least} to {most}; got {limit}")
+            values[key] = Limits(**limits)
         else:
             values[key] = _typed(key, value, types[kinds[key]])
     for key, allowed in _CHOICES.items():

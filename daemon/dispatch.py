@@ -152,7 +152,7 @@ class RemoteWorkers:
 
     def _hello(self, identity: bytes, message: dict[str, Any]) -> None:
         name = str(message.get("name", "worker"))[:64]
-        if message.get("v") != WORKER_PROTOCOL:
+        if type(message.get("v")) is not int or message["v"] != WORKER_PROTOCOL:  # true == 1 in Python
             self._send(identity, {"op": "refused", "reason": f"this daemon speaks worker protocol {WORKER_PROTOCOL}"})
             return
         old = self.peers.get(identity)

@@ -89,8 +89,9 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
     VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again.
     """
     r = request
-    _check(isinstance(r.prompt, str) and 0 < len(r.prompt) <= limits.prompt_chars, "prompt",
-           f"must be 1 to {limits.prompt_chars} characters")
+    _check(isinstance(r.prompt, str), "prompt", f"must be text, got {type(r.prompt).__name__}")
+    _check(0 < len(r.prompt) <= limits.prompt_chars, "prompt", f"must be 1 to {limits.prompt_chars} characters, got {len(r.prompt)}")
+    _check(not r.prompt.isspace(), "prompt", "holds only spaces; say what to draw")
     _check(isinstance(r.negative_prompt, str) and len(r.negative_prompt) <= limits.prompt_chars,
            "negative_prompt", f"must be at most {limits.prompt_chars} characters")
     _check(_is_int(r.steps) and 1 <= r.steps <= limits.steps, "steps", f"must be an integer from 1 to {limits.steps}, got {r.steps!r}")
@@ -112,15 +113,19 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
         _check(int(r.steps * r.strength) >= 1, "strength",
                f"{r.strength} of {r.steps} steps leaves no step to run; raise strength or steps")
         # diffusers' default: the init image's own size, rounded down to the VAE's factor.
-        width = width or r.init_image.width // factor * factor
-        height = height or r.init_image.height // factor * factor
+        if width is None or height is None:
+            _check(min(r.init_image.size) >= MIN_SIZE, "init_image",
+                   f"is {r.init_image.width}x{r.init_image.height}; give a size (at least {MIN_SIZE} a side) "
+                   f"or an image at least {MIN_SIZE} px a side")
+        width = r.init_image.width // factor * factor if width is None else width
+        height = r.init_image.height // factor * factor if height is None else height
     if model is None:
         for name, value in (("width", width), ("height", height)):
             _check(value is None or _is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0, name,
                    f"must be a multiple of 8 from {MIN_SIZE} to {limits.size}, got {value!r}")
         return replace(r, seed=seed, width=width, height=height)
-    width = width or model.default_shape[0]
-    height = height or model.default_shape[1]
+    width = model.default_shape[0] if width is None else width
+    height = model.default_shape[1] if height is None else height
     if model.fixed_size:
         for name, value, fixed in (("width", width, model.default_shape[0]), ("height", height, model.default_shape[1])):
             _check(value == fixed, name, f"this Core ML model was converted for {model.default_shape[0]}x"

@@ -55,9 +55,16 @@ BATCH = 512  # requests handled per commit at most
 MAX_INIT_IMAGE_SIDE = 4096
 MAX_PRIORITY = 1000
 MAX_LIST = 1000
-_JOB_FIELDS = {
-    "prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "count", "seed", "scheduler", "rng",
-    "strength", "safety_checker",
+# Each job field's wire type: a value of another type is `bad_message`, one outside its limits
+# `invalid_parameter` (resolve()).
+_JOB_TYPES: dict[str, type | tuple[type, ...]] = {
+    "prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": (int, float), "width": int, "height": int,
+    "count": int, "seed": int, "scheduler": str, "rng": str, "strength": (int, float), "safety_checker": bool,
+}
+_JOB_FIELDS = set(_JOB_TYPES)
+_TYPE_NAMES: dict[Any, str] = {
+    str: "a string", int: "an integer", float: "a number", (int, float): "a number", bool: "true or false",
+    bytes: "binary (msgpack bin)", list: "a list", dict: "a map", type(None): "nil",
 }
 _LAST_OF_A_RUN = {"job.done", "job.failed", "job.cancelled", "job.requeued"}
 _SUBMIT_FIELDS = _JOB_FIELDS | {"v", "op", "id", "model", "priority", "output_dir", "idempotency_key", "init_image"}
@@ -69,9 +76,26 @@ def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], de
         return default
     value = message[name]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ProtocolError(Code.BAD_MESSAGE, f"{name} must be {names}, got {type(value).__name__}")
+        names = _TYPE_NAMES.get(kind) or " or ".join(_TYPE_NAMES[k] for k in kind)  # type: ignore[union-attr]
+        raise ProtocolError(Code.BAD_MESSAGE, f"{name}: must be {names}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}")
     return value
+
+
+def _required(message: dict[str, Any], name: str, kind: type) -> Any:
+    """A field the op cannot do without: missing, it is `invalid_parameter` naming it."""
+    if name not in message:
+        raise ProtocolError(Code.INVALID_PARAMETER, f"{name}: required")
+    return _field(message, name, kind)
+
+
+def _readable_id(frame: bytes) -> Any:
+    """The id of a request refused for its size, so its sender can match the reply (None if unreadable)."""
+    try:
+        message = unpack(frame)
+    except ProtocolError:
+        return None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return request_id if isinstance(request_id, (str, int)) else None
 
 
 class Server:
@@ -252,6 +276,7 @@ class Server:
             if len(rest) != 1:
                 raise ProtocolError(Code.BAD_MESSAGE, f"a request is one frame, got {len(rest)}")
             if len(rest[0]) > MAX_MESSAGE_BYTES:
+                request_id = _readable_id(rest[0])
                 raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"requests are at most {MAX_MESSAGE_BYTES} bytes")
             message = unpack(rest[0])
             if not isinstance(message, dict):
@@ -260,7 +285,7 @@ class Server:
             if isinstance(request_id, (dict, list)):
                 request_id = None
                 raise ProtocolError(Code.BAD_MESSAGE, "id must be a string or a number")
-            if message.get("v") != VERSION:
+            if type(message.get("v")) is not int or message["v"] != VERSION:  # true == 1 in Python
                 raise ProtocolError(Code.UNSUPPORTED_VERSION, f"this daemon speaks protocol version {VERSION}")
             op = message.get("op")
             if op not in OPS:
@@ -313,9 +338,8 @@ class Server:
             existing = self.queue.find_by_key(key)
             if existing is not None:
                 return {"job": existing.to_wire(), "created": False}
-        if "prompt" not in message:
-            raise ProtocolError(Code.INVALID_PARAMETER, "prompt: required")
-        fields = {name: message[name] for name in _JOB_FIELDS if name in message}
+        _required(message, "prompt", str)
+        fields = {name: _field(message, name, kind) for name, kind in _JOB_TYPES.items() if name in message}
         if isinstance(fields.get("scheduler"), str) and fields["scheduler"] not in schedulers.NAMES:
             try:
                 fields["scheduler"] = schedulers.from_sampler_name(fields["scheduler"])
@@ -358,11 +382,14 @@ class Server:
         except ProtocolError:
             raise
         except Exception as exc:
-            raise ProtocolError(Code.INVALID_PARAMETER, f"init_image: not a readable image ({exc})") from None
+            # PIL's own message names an io.BytesIO object, not the user's file.
+            raise ProtocolError(
+                Code.INVALID_PARAMETER, f"init_image: not an image PIL can read ({type(exc).__name__}); give a PNG, JPEG or WebP file"
+            ) from None
         return image
 
     def _op_get(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {"job": self.queue.get(_field(message, "job", str, "")).to_wire()}
+        return {"job": self.queue.get(_required(message, "job", str)).to_wire()}
 
     def _op_list(self, message: dict[str, Any]) -> dict[str, Any]:
         states = _field(message, "states", list)
@@ -385,7 +412,7 @@ class Server:
             for job_id in ids:
                 self.outbox.append((f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id}))
             return {"cancelled": ids}
-        job = self.queue.cancel(_field(message, "job", str, ""))
+        job = self.queue.cancel(_required(message, "job", str))
         if job.state == "running":
             if self.remote_workers is None or not self.remote_workers.cancel(job.id):
                 self.worker.cancel(job.id)  # it stops before its next step and says so
@@ -404,7 +431,7 @@ class Server:
         return {"paused": False}
 
     def _op_retry(self, message: dict[str, Any]) -> dict[str, Any]:
-        job = self.queue.retry(_field(message, "job", str, ""))
+        job = self.queue.retry(_required(message, "job", str))
         self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": job.priority}))
         return {"job": job.to_wire()}
 
@@ -429,7 +456,7 @@ class Server:
         return {"models": models, "loaded": loaded}
 
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
-        name = catalog.repo_for(_field(message, "model", str, ""))
+        name = catalog.repo_for(_required(message, "model", str))
         units = _field(message, "compute_units", str, self.config.compute_units)
         if units not in COMPUTE_UNITS:
             raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNITS)}")
@@ -439,7 +466,7 @@ class Server:
         return {"pulling": name, "topic": f"model.{name}"}
 
     def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:
-        name = catalog.repo_for(_field(message, "model", str, ""))
+        name = catalog.repo_for(_required(message, "model", str))
         if name in self.worker.loaded:
             raise ProtocolError(Code.INVALID_STATE, f"{name} is loaded; load another model first")
         self.models.pop(name, None)

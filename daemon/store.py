@@ -166,7 +166,15 @@ def pull(
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFound(f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; pull it while online")
     try:
-        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        try:
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        except Exception as exc:
+            if not _network_error(exc):
+                raise
+            raise ModelNotFound(
+                f"{name} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}: {exc}). "
+                f"Pull it while online (`diffuse models pull {name}`); a local folder is given as a path, e.g. ./{name}"
+            ) from None
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         coreml = coreml_layout.is_coreml_repo(list(sizes))
         unpacked = _unpacked_root(repo, str(info.sha))
@@ -234,6 +242,13 @@ def _unpack(name: str, archive: Path, target: Path, keep_archive: bool) -> None:
         snapshots = blob.parent.parent / "snapshots"
         if not any(link.resolve() == blob for link in snapshots.rglob(archive.name)):  # another revision's
             blob.unlink(missing_ok=True)
+
+
+def _network_error(exc: Exception) -> bool:
+    """Whether the first contact with the Hub failed for want of a network: huggingface_hub raises
+    its HTTP library's own errors for that (requests, httpx or httpx2, by version), not HfHubHTTPError."""
+    root = type(exc).__module__.split(".")[0]
+    return root in ("requests", "urllib3", "httpx", "httpx2")
 
 
 def _cached(repo: str, file: str, revision: str) -> bool:

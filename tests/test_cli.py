@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from diffusiond.clients.infotext import parse_infotext
 from diffusiond.daemon.png import read_parameters
@@ -13,17 +17,17 @@ from diffusiond.daemon.png import read_parameters
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(*args: str) -> subprocess.CompletedProcess:
+def generate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "diffusiond.daemon.cli", "generate", *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=None if env is None else {**os.environ, **env},
     )
 
 
 def test_generate_writes_pngs_with_their_settings(tmp_path) -> None:
     out = tmp_path / "lighthouse.png"
     done = generate("a lighthouse at dusk", "-o", str(out), "--steps", "3", "--size", "64x96", "--seed", "9",
-                    "--count", "2", "--scheduler", "euler_a")
+                    "--count", "2", "--scheduler", "euler_a", env={"DIFFUSE_PROGRESS": "1"})
     assert done.returncode == 0, done.stderr
     paths = done.stdout.split()
     assert paths == [str(out), str(tmp_path / "lighthouse-2.png")]
@@ -37,6 +41,41 @@ def test_bad_parameters_exit_2_with_the_reason(tmp_path) -> None:
     done = generate("x", "-o", str(tmp_path / "x.png"), "--size", "100x64")
     assert done.returncode == 2
     assert "width: must be a multiple of 8" in done.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory) -> subprocess.CompletedProcess:
+    """One `diffusiond generate` with stderr into a pipe, as a script or a log would run it."""
+    done = generate("x", "-o", str(tmp_path_factory.mktemp("piped") / "x.png"), "--steps", "2", "--size", "64x64")
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_into_a_pipe_no_progress_bar_is_drawn(piped) -> None:
+    assert "\x1b" not in piped.stderr and "\r" not in piped.stderr
+
+
+def test_a_model_loads_quietly_saying_once_what_it_loads(piped) -> None:
+    assert "accelerate" not in piped.stderr and "Loading weights" not in piped.stderr
+    assert piped.stderr.splitlines() == ["loading tiny …", piped.stderr.splitlines()[-1]]
+    assert piped.stderr.splitlines()[-1].startswith("seed ")
+
+
+def test_arguments_are_checked_before_the_model_loads(tmp_path) -> None:
+    for bad, reason in ((["--steps", "0"], "steps: must be an integer from 1"), (["--size", "0x0"], "width:"),
+                        (["--count", "99"], "count:")):
+        started = time.monotonic()
+        done = generate("x", "-o", str(tmp_path / "x.png"), *bad)
+        assert done.returncode == 2 and reason in done.stderr, done.stderr
+        assert "loading" not in done.stderr, f"{bad} was refused only after loading the model"
+        assert time.monotonic() - started < 30
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    done = generate("x", "-o", str(tmp_path / "x.png"), "--init-image", str(text))
+    assert done.returncode == 2 and "not an image PIL can read" in done.stderr and "Traceback" not in done.stderr
+    done = generate("   ", "-o", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "prompt: holds only spaces" in done.stderr
     assert not (tmp_path / "x.png").exists()
 
 

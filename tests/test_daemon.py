@@ -157,7 +157,7 @@ BAD_REQUESTS = [
     ("future version", [msgpack.packb({"v": 99, "op": "ping", "id": 1})], "unsupported_version"),
     ("unknown op", [msgpack.packb({"v": 1, "op": "explode", "id": 1})], "unknown_op"),
     ("unknown field", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p", "evil": 1})], "invalid_parameter"),
-    ("steps as text", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p", "steps": "9"})], "invalid_parameter"),
+    ("steps as text", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p", "steps": "9"})], "bad_message"),
     ("size not /8", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p", "width": 65})], "invalid_parameter"),
     ("huge count", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p", "count": 10**9})], "invalid_parameter"),
     ("long prompt", [msgpack.packb({"v": 1, "op": "submit", "prompt": "p" * 5000})], "invalid_parameter"),

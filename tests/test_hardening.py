@@ -89,7 +89,7 @@ def test_no_request_makes_the_daemon_read_a_file(daemon, tmp_path) -> None:
     Image.new("RGB", (64, 64)).save(readable)
     reply = daemon.call("submit", prompt="img2img", init_image=str(readable), steps=2)
     assert not reply["ok"] and reply["error"]["code"] == Code.BAD_MESSAGE
-    assert "init_image must be bytes" in reply["error"]["message"]
+    assert "init_image: must be binary" in reply["error"]["message"]
     reply = daemon.call("submit", prompt="img2img", init_image=str(readable).encode(), steps=2)
     assert not reply["ok"] and reply["error"]["code"] == Code.INVALID_PARAMETER  # bytes of a path: not an image
     buffer = io.BytesIO()

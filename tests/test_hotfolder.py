@@ -144,11 +144,11 @@ def test_malformed_files_fail_with_the_reason_beside_them(daemon, tmp_path) -> N
         "size.txt": ("a cat\nSteps: 1, Size: 65x64\n", "width: must be a multiple of 8"),
         "sampler.txt": ("a cat\nSteps: 1, Size: 64x64, Sampler: Heun\n", "unknown scheduler 'Heun'"),
         "empty.txt": ("", "no prompt"),
-        "binary.txt": (None, "utf-8"),
+        "binary.txt": (None, "prompt files are UTF-8 text (or UTF-16 with a byte-order mark)"),
     }
     for name, (text, _) in cases.items():
         if text is None:
-            (folder / name).write_bytes(b"\xff\xfe\x00bad")
+            (folder / name).write_bytes(b"caf\xe9 bad")  # Latin-1, no byte-order mark
         else:
             drop(folder, name, text)
     drop(folder, "fine.txt", f"a fine cat\n{PARAMS}\n")

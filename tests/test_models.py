@@ -235,3 +235,30 @@ def test_a_zip_bomb_and_an_archive_of_too_many_entries_are_refused_before_anythi
         with pytest.raises(coreml_layout.UnsafeArchive, match=reason):
             coreml_layout.unpack(archive, target)
         assert not target.exists()
+
+
+def test_a_hub_model_that_cannot_be_reached_is_model_not_found_saying_what_to_do(fresh, tmp_path, monkeypatch) -> None:
+    from .daemon_process import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there: offline
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fresh.start()
+    job = fresh.call("submit", prompt="a cat", model="nobody/nothing", steps=1)["job"]
+    failed = fresh.wait_job(job["id"])
+    assert failed["state"] == "failed" and failed["error"]["code"] == "model_not_found", failed["error"]
+    assert "cannot be reached" in failed["error"]["message"]
+    assert "diffuse models pull nobody/nothing" in failed["error"]["message"]
+
+
+def test_a_truncated_weights_file_is_model_invalid_naming_it(daemon, tmp_path) -> None:
+    model = tmp_path / "truncated"
+    shutil.copytree(TINY, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size // 2)  # a copy or download that broke off
+    job = daemon.call("submit", prompt="a cat", model=str(model), steps=1, width=64, height=64)["job"]
+    failed = daemon.wait_job(job["id"])
+    assert failed["state"] == "failed" and failed["error"]["code"] == "model_invalid", failed["error"]
+    assert str(weights) in failed["error"]["message"] and "download or copy the model again" in failed["error"]["message"]
+    assert daemon.call("submit", prompt="a cat", steps=1, width=64, height=64)["ok"]  # the daemon goes on

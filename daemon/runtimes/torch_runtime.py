@@ -8,24 +8,28 @@ same batch, each step one CUDA graph replay — with no host sync inside the loo
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ..errors import ModelInvalid
 from ..linear_steps import LinearPlan
 
 if TYPE_CHECKING:
     from ..config import Config
 
+log = logging.getLogger("diffusiond.torch")
+_Network = TypeVar("_Network")
 SWITCHES = ("auto", "on", "off")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_LOOPS = 4  # captured loops (one per latent shape and step bucket) kept; each holds a graph's memory
@@ -78,6 +82,39 @@ class TorchSettings:
         return PRECISIONS[self.precision]
 
 
+def _quiet_loading() -> bool:
+    """Silence diffusers' and transformers' per-load chatter (a weights bar, an `accelerate`
+    advertisement for each network); whether accelerate's low-memory loading is there to use."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    from diffusers.utils import is_accelerate_available
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    return is_accelerate_available()
+
+
+_LOW_MEMORY = _quiet_loading()
+if not _LOW_MEMORY:
+    log.info("accelerate is not installed: each model load briefly holds its weights twice in memory")
+
+
+def _load(kind: type[_Network], folder: Path, **options: object) -> _Network:
+    """One network from its folder; a file that is missing, truncated or not weights is the
+    model's fault (model_invalid, naming the file), not the output's or a bug's."""
+    try:
+        return kind.from_pretrained(folder, low_cpu_mem_usage=_LOW_MEMORY, **options)  # type: ignore[attr-defined]
+    except (OSError, ValueError, RuntimeError) as exc:
+        weights = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+        where = weights[0] if len(weights) == 1 else folder
+        reason = str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
+        raise ModelInvalid(
+            f"cannot load the weights in {where}: the file may be truncated or damaged; download or copy the "
+            f"model again ({reason})"
+        ) from None
+
+
 class TorchRuntime:
     def __init__(
         self,
@@ -89,17 +126,15 @@ class TorchRuntime:
         self.device = pick_device(device)
         self.settings = settings
         self.dtype = settings.dtype(self.device)
-        load = {"torch_dtype": self.dtype}
-        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load).to(self.device).eval()
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load).to(self.device).eval()
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae", **load).to(self.device).eval()
+        self.text_encoder = _load(CLIPTextModel, folder / "text_encoder", torch_dtype=self.dtype).to(self.device).eval()
+        self.unet = _load(UNet2DConditionModel, folder / "unet", torch_dtype=self.dtype).to(self.device).eval()
+        self.vae = _load(AutoencoderKL, folder / "vae", torch_dtype=self.dtype).to(self.device).eval()
         self.safety_checker = None
         if with_safety_checker:
             from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-            self.safety_checker = (
-                StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", **load).to(self.device).eval()
-            )
+            self.safety_checker = _load(StableDiffusionSafetyChecker, folder / "safety_checker", torch_dtype=self.dtype)
+            self.safety_checker = self.safety_checker.to(self.device).eval()
         self.memory_format = torch.contiguous_format
         if settings.on("channels_last", self.device):
             self.memory_format = torch.channels_last
