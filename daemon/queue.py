@@ -186,23 +186,27 @@ class JobQueue:
             )
             return self.get(job.id)
 
-    def _finish(self, job_id: str, state: str, **columns: Any) -> Job:
+    def _finish(self, job_id: str, state: str, was: tuple[str, ...], **columns: Any) -> Job | None:
+        """The job, now ``state``; None when it was no longer in one of the states ``was`` (at stop,
+        the server requeues a job whose worker is stuck in a model call: the worker's late outcome
+        must not overwrite that)."""
         sets = ", ".join(f"{name} = ?" for name in columns)
+        marks = ", ".join("?" * len(was))
         with self.transaction():
-            self.db.execute(
-                f"UPDATE jobs SET state = ?, finished = ?{', ' + sets if sets else ''} WHERE id = ?",
-                (state, time.time(), *columns.values(), job_id),
-            )
-            return self.get(job_id)
+            changed = self.db.execute(
+                f"UPDATE jobs SET state = ?, finished = ?{', ' + sets if sets else ''} WHERE id = ? AND state IN ({marks})",
+                (state, time.time(), *columns.values(), job_id, *was),
+            ).rowcount
+            return self.get(job_id) if changed else None
 
-    def done(self, job_id: str, outputs: list[str], result: dict[str, Any]) -> Job:
-        return self._finish(job_id, "done", outputs=json.dumps(outputs), result=json.dumps(result))
+    def done(self, job_id: str, outputs: list[str], result: dict[str, Any]) -> Job | None:
+        return self._finish(job_id, "done", ("running",), outputs=json.dumps(outputs), result=json.dumps(result))
 
-    def fail(self, job_id: str, code: str, message: str) -> Job:
-        return self._finish(job_id, "failed", error_code=code, error_message=message)
+    def fail(self, job_id: str, code: str, message: str) -> Job | None:
+        return self._finish(job_id, "failed", ("running",), error_code=code, error_message=message)
 
-    def cancelled(self, job_id: str) -> Job:
-        return self._finish(job_id, "cancelled", error_code=Code.CANCELLED, error_message="cancelled")
+    def cancelled(self, job_id: str) -> Job | None:
+        return self._finish(job_id, "cancelled", ("queued", "running"), error_code=Code.CANCELLED, error_message="cancelled")
 
     def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled now; a running one is marked, and its worker stops it."""
@@ -211,7 +215,8 @@ class JobQueue:
             if job.state in FINISHED:
                 raise ProtocolError(Code.INVALID_STATE, f"job {job_id} is {job.state} already")
             if job.state == "queued":
-                return self.cancelled(job_id)
+                self.cancelled(job_id)
+                return self.get(job_id)
             self.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self.get(job_id)
 
@@ -222,14 +227,18 @@ class JobQueue:
                 self.cancelled(job_id)
             return ids
 
-    def requeue(self, job_id: str) -> Job:
-        """A running job back to the queue, at its old place (the daemon is stopping)."""
+    def requeue(self, job_id: str) -> Job | None:
+        """A running job back to the queue, at its old place (the daemon is stopping); None when
+        it was not running any more."""
         with self.transaction():
-            self.db.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE id = ?", (job_id,))
-            return self.get(job_id)
+            changed = self.db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL WHERE id = ? AND state = 'running'", (job_id,)
+            ).rowcount
+            return self.get(job_id) if changed else None
 
     def recover(self) -> tuple[list[str], list[str]]:
-        """At start: jobs a crash left running are queued again, or cancelled if that was asked."""
+        """Jobs left running with nobody to run them — by a crash (at start), or by a worker still
+        inside a model call when the daemon stops — are queued again, or cancelled if that was asked."""
         with self.transaction():
             rows = self.db.execute("SELECT id, cancel_requested FROM jobs WHERE state = 'running'").fetchall()
             requeued = [job_id for job_id, cancel in rows if not cancel]
