@@ -66,7 +66,10 @@ _JOB_FIELDS = {
     "strength", "safety_checker",
 }
 _LAST_OF_A_RUN = {"job.done", "job.failed", "job.cancelled", "job.requeued"}
-_SUBMIT_FIELDS = _JOB_FIELDS | {"v", "op", "id", "model", "priority", "output_dir", "idempotency_key", "init_image"}
+_SUBMIT_FIELDS = _JOB_FIELDS | {
+    "v", "op", "id", "model", "priority", "output_dir", "output_name", "idempotency_key", "init_image",
+}
+MAX_OUTPUT_NAME = 240  # bytes: room for "-16.png" in a 255-byte file name
 
 
 def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -334,6 +337,13 @@ class Server:
         if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
             raise ProtocolError(Code.INVALID_PARAMETER, f"priority: must be from {-MAX_PRIORITY} to {MAX_PRIORITY}")
         output_dir = self._output_dir(_field(message, "output_dir", str))
+        output_name = _field(message, "output_name", str)
+        if output_name is not None and (
+            not 0 < len(output_name.encode("utf-8", "surrogatepass")) <= MAX_OUTPUT_NAME or output_name.startswith(".")
+            or any(c in output_name for c in "/\\\0")
+        ):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"output_name: a file name of 1 to {MAX_OUTPUT_NAME} bytes "
+                                "of UTF-8, without / or \\, not starting with a dot")
         if self.remote_request and not (model_name in ALIASES or catalog.lookup(model_name) or store.is_hub_id(model_name)):
             raise ProtocolError(Code.INVALID_PARAMETER, "model: from another machine, a catalog name or a Hub id")
         key = _field(message, "idempotency_key", str)
@@ -354,7 +364,8 @@ class Server:
         image_bytes = _field(message, "init_image", bytes)
         request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits)
         params = {name: getattr(request, name) for name in _JOB_FIELDS}
-        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes, self.config.max_queued)
+        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes,
+                                         self.config.max_queued, output_name)
         if created:
             self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": priority}))
         return {"job": job.to_wire(), "created": created}

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -145,7 +144,8 @@ class Worker(threading.Thread):
             on_step = progress_reporter(job.id, self._emit, self.wants_preview)
             result = pipeline.generate(request, on_step=on_step, cancelled=cancelled)
             self.models.touch(job.model)
-            outputs = write_job_outputs(Path(job.output_dir), job.id, encode_result(result, job.model))
+            pngs = encode_result(result, job.model)
+            outputs = write_job_outputs(queue.output_paths(job.id, len(pngs)), pngs)
         except Cancelled:
             # Either outcome may have been recorded already: a daemon that stopped while this
             # worker was inside a model call settled the job itself (Server._settle_running).

@@ -96,3 +96,25 @@ def test_a_queued_job_is_cancelled_at_once(daemon) -> None:
     finally:
         daemon.call("resume")
     assert reply["pending"] is False and reply["job"]["state"] == "cancelled"
+
+
+def diffuse_status(daemon) -> tuple[subprocess.CompletedProcess, float]:
+    began = time.monotonic()
+    status = subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(daemon.runtime_dir),
+                             "status"], capture_output=True, text=True, timeout=60)
+    return status, time.monotonic() - began
+
+
+def test_clients_say_the_daemon_is_not_running_at_once_after_a_stop_or_a_crash(fresh) -> None:
+    fresh.start()
+    assert fresh.stop() == 0
+    assert sorted(p.name for p in fresh.runtime_dir.iterdir()) == ["daemon.lock"], "stop removes its socket files"
+    status, took = diffuse_status(fresh)
+    assert status.returncode == 4 and "its socket does not exist" in status.stderr
+    assert took < 5, f"{took:.1f}s: it waited for a reply"
+    fresh.start()
+    fresh.kill()  # SIGKILL: the socket files stay behind, nobody listens on them
+    assert (fresh.runtime_dir / "request").exists()
+    status, took = diffuse_status(fresh)
+    assert status.returncode == 4 and "nothing listens on its socket" in status.stderr
+    assert took < 5, f"{took:.1f}s: it waited for a reply"
