@@ -27,8 +27,9 @@ from .client import Client, DaemonUnreachable, RequestFailed
 from .infotext import job_settings, parse_infotext
 from .protocol import FINISHED, unpack
 
-# Linux reports when a writer closes a file; elsewhere (macOS FSEvents) a file is ready once its
-# size and modification time have held still for `settle` seconds.
+# A file is ready once its size and modification time have held still for `settle` seconds, and,
+# where the OS reports closes (Linux), after its writer closed it: a writer that appends in several
+# goes (`>>`) closes it each time, and a close alone would have it read at its first write.
 CLOSE_EVENTS = sys.platform.startswith("linux")
 MAX_PROMPT_FILE_BYTES = 64 * 1024
 _TEMPORARY_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".crdownload", ".download")
@@ -182,7 +183,11 @@ class HotFolder:
                     if now is None:
                         self.report({"event": "folder gone", "folder": str(self.folder)})
                     else:
-                        observer = self._arm()
+                        try:
+                            observer = self._arm()
+                        except OSError:
+                            identity = None  # gone again already: the next turn looks again
+                            continue
                         self.report({"event": "watching", "folder": str(self.folder),
                                      "output_dir": str(self.output_dir)})
                 ready = self._settled()
@@ -326,15 +331,21 @@ class HotFolder:
         # The reason first: a crash before the move leaves the file here, and the next run writes
         # the same reason file again (the move below has not taken `target`).
         reason_file = target.with_name(f"{target.stem}.error.txt")
-        reason_file.write_text(reason + "\n")
-        if not self._move(item, target):
-            reason_file.unlink(missing_ok=True)  # no file to give a reason for
+        try:
+            self.failed_dir.mkdir(exist_ok=True)
+            reason_file.write_text(reason + "\n")
+        except FileNotFoundError:
+            pass  # the folder is gone, and the file with it
+        else:
+            if not self._move(item, target):
+                reason_file.unlink()  # no file to give a reason for
         del self.pending[item.path]
         self.report({"event": "failed", "file": item.path.name, "reason": reason})
 
     def _move(self, item: Pending, target: Path) -> bool:
         """The prompt file to done/ or failed/; False when it is gone (removed, or its folder moved)."""
         try:
+            target.parent.mkdir(exist_ok=True)  # done/ or failed/ removed by hand
             item.path.rename(target)
         except FileNotFoundError:
             return False
