@@ -19,6 +19,20 @@ from diffusiond.clients.pngtext import read_text
 PARAMS = "Steps: 1, Size: 64x64, CFG scale: 1"
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_hot_folder_left_running():
+    """A test that fails half-way leaves no hot folder behind."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 class HotFolderProcess:
     def __init__(self, daemon, folder: Path) -> None:
         self.daemon, self.folder = daemon, folder
@@ -31,6 +45,7 @@ class HotFolderProcess:
              "--json", "hotfolder", str(self.folder), "--settle", "1"],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
         )
+        STARTED.append(self.process)
         return self
 
     def reports(self) -> list[dict]:

@@ -66,3 +66,19 @@ def test_an_image_that_cannot_be_written_takes_the_others_with_it(daemon, tmp_pa
     finally:
         daemon.call("resume")
     assert_nothing_kept(daemon.wait_job(job_id), tmp_path)
+
+
+def test_a_named_job_takes_the_first_free_names_and_records_them(daemon, tmp_path) -> None:
+    (tmp_path / "shot.png").write_bytes(b"not ours")
+    job_id = daemon.call("submit", prompt="named", count=2, output_dir=str(tmp_path), output_name="shot",
+                         **FAST)["job"]["id"]
+    job = daemon.wait_job(job_id)
+    assert job["outputs"] == [str(tmp_path / "shot-2.png"), str(tmp_path / "shot-3.png")]
+    assert all(Path(path).is_file() for path in job["outputs"])
+    assert (tmp_path / "shot.png").read_bytes() == b"not ours"
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a\\b", "x" * 241])
+def test_an_output_name_that_is_not_a_plain_file_name_is_refused(daemon, name) -> None:
+    reply = daemon.call("submit", prompt="p", output_name=name, **FAST)
+    assert reply["error"]["code"] == "invalid_parameter" and "output_name" in reply["error"]["message"]
