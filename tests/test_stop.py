@@ -1,4 +1,4 @@
-"""Stop and cancel while the worker is inside one long model call: the real daemon, a real slow step.
+"""Stopping: while the worker is inside one long model call (the real daemon, a real slow step), and what clients see after.
 
 One denoising step of the tiny model at 2048×2048 takes minutes on a CPU (its attention runs over
 65,536 latent pixels), so a job of that size holds the worker inside a single UNet call that
@@ -17,7 +17,7 @@ import pytest
 
 from diffusiond.daemon.sockets import lock_held
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's CPU time from /proc")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's CPU time from /proc")
 
 HUGE_STEP = {"prompt": "one step that takes minutes", "steps": 2, "width": 2048, "height": 2048, "guidance_scale": 1.0}
 
@@ -59,6 +59,7 @@ def job_record(daemon, job_id: str) -> dict:
     return daemon.call("get", job=job_id)["job"]
 
 
+@linux_only
 def test_stop_during_a_model_call_requeues_the_job_and_exits_promptly(fresh) -> None:
     fresh.start()
     job_id = start_a_huge_step(fresh)
@@ -75,6 +76,7 @@ def test_stop_during_a_model_call_requeues_the_job_and_exits_promptly(fresh) -> 
     assert fresh.outputs() == []
 
 
+@linux_only
 def test_a_cancel_during_a_model_call_says_when_and_a_stop_then_keeps_it_cancelled(fresh) -> None:
     fresh.start()
     job_id = start_a_huge_step(fresh)
