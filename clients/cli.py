@@ -388,7 +388,13 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "cancel":
         if args.all == bool(args.id):
             raise ValueError("cancel takes a job id or --all")
-        cancelled = client.cancel_all_queued() if args.all else [client.cancel(args.id)["id"]]
+        if args.all:
+            cancelled = client.cancel_all_queued()
+        else:
+            reply = client.call("cancel", job=args.id)
+            cancelled = [reply["job"]["id"]]
+            if reply.get("pending"):  # a running job: when it will really stop
+                print(f"diffuse: {reply['message']}", file=sys.stderr)
         if args.json:
             _print_json({"cancelled": cancelled})
         else:

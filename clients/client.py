@@ -12,6 +12,7 @@ Every call has a deadline; nothing here blocks forever.
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,11 +153,23 @@ class Client:
             "or run `diffusiond serve` in a terminal"
         )
 
+    def _check_listening(self, path: Path) -> None:
+        """Fail at once where nobody serves the socket, instead of waiting out the timeout: a unix
+        socket file that a killed daemon left behind refuses a connection straight away."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                why = "its socket does not exist" if isinstance(exc, FileNotFoundError) else "nothing listens on its socket"
+                raise self._unreachable(why) from None
+            except OSError:
+                pass  # any other answer (a path too long to probe, say): let the request find out
+
     def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """One request, its reply; RequestFailed for an error reply, DaemonUnreachable for none."""
-        if self._curve is None and not Path(self.request_endpoint.removeprefix("ipc://")).exists():
-            raise self._unreachable("its socket does not exist")
         if self._socket is None:
+            if self._curve is None:
+                self._check_listening(Path(self.request_endpoint.removeprefix("ipc://")))
             self._socket = self._socket_of(zmq.DEALER)
             self._socket.connect(self.request_endpoint)
         for name, value in fields.items():

@@ -15,6 +15,7 @@ import codecs
 import hashlib
 import json
 import queue
+import stat
 import sys
 import threading
 import time
@@ -27,8 +28,9 @@ from .client import Client, DaemonUnreachable, RequestFailed
 from .infotext import job_settings, parse_infotext
 from .protocol import FINISHED, unpack
 
-# Linux reports when a writer closes a file; elsewhere (macOS FSEvents) a file is ready once its
-# size and modification time have held still for `settle` seconds.
+# A file is ready once its size and modification time have held still for `settle` seconds, and,
+# where the OS reports closes (Linux), after its writer closed it: a writer that appends in several
+# goes (`>>`) closes it each time, and a close alone would have it read at its first write.
 CLOSE_EVENTS = sys.platform.startswith("linux")
 MAX_PROMPT_FILE_BYTES = 64 * 1024
 _TEMPORARY_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".crdownload", ".download")
@@ -68,10 +70,28 @@ def prompt_text(data: bytes) -> str:
         ) from None
 
 
+Stat = tuple[int, int, int]  # (inode, size, mtime in ns): a file as it was read
+
+
+def stat_of(path: Path) -> Stat:
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 @dataclass
 class Pending:
     path: Path
     job_id: str | None = None
+    read_as: Stat | None = None  # the file when its job was made: a change after that is a new drop
+    gone: bool = False  # said once that the file vanished while its job went on
+
+
+@dataclass
+class Waiting:
+    size: int
+    mtime: int
+    since: float  # when size and mtime last changed
+    closed: bool  # its writer closed it (or no close events here): ready once it holds still
 
 
 class HotFolder:
@@ -89,8 +109,8 @@ class HotFolder:
         self.client = client
         self.settle = settle
         self.report = report or (lambda line: None)
-        self.arrivals: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self.waiting: dict[Path, tuple[int, int, float]] = {}  # not yet ready: (size, mtime, since)
+        self.arrivals: queue.SimpleQueue[tuple[Path, str]] = queue.SimpleQueue()
+        self.waiting: dict[Path, Waiting] = {}  # not yet ready
         self.pending: dict[Path, Pending] = {}  # submitted or about to be, until moved away
         self.daemon_down = False  # said "waiting" once; says "daemon back" when it answers again
         self.events: Any = None  # a live job-event subscription, once the daemon has answered
@@ -109,31 +129,51 @@ class HotFolder:
                 path = Path(getattr(event, "dest_path", "") or event.src_path)
                 if event.is_directory or path.parent != folder or not is_prompt_file(path):
                     return
-                if event.event_type in ("closed", "moved") or not CLOSE_EVENTS and event.event_type in ("created", "modified"):
-                    arrivals.put(path)
+                if event.event_type in ("closed", "moved", "created", "modified"):
+                    arrivals.put((path, event.event_type))
 
         observer = Observer()
         observer.schedule(Handler(), str(self.folder), recursive=False)
         observer.start()
         return observer
 
+    def _identity(self) -> tuple[int, int] | None:
+        """The watched folder's (device, inode); None while it is gone."""
+        try:
+            info = self.folder.stat()
+        except OSError:
+            return None
+        return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+    def _arm(self) -> Any:
+        """Watch the folder and take in what is there: at start, and when the folder comes back."""
+        for folder in (self.output_dir, self.done_dir, self.failed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        observer = self._watch()  # before the scan: a file arriving in between is seen by one of them
+        self._scan()
+        return observer
+
     def _scan(self) -> None:
-        """What arrived while nothing ran: ready once settled, since its writer may still be busy."""
+        """What arrived while nothing watched: ready once settled, since its writer may still be busy."""
         for path in sorted(self.folder.iterdir()):
             if path.is_file() and is_prompt_file(path) and path not in self.pending:
-                self.waiting.setdefault(path, (-1, -1, time.monotonic()))
+                self._touched(path, closed=True)
+
+    def _touched(self, path: Path, closed: bool) -> None:
+        """A file written to (or closed): it is ready once closed and unchanged for `settle` seconds."""
+        self.waiting[path] = Waiting(-1, -1, time.monotonic(), closed)
 
     def _settled(self) -> list[Path]:
         ready, now = [], time.monotonic()
-        for path, (size, mtime, since) in list(self.waiting.items()):
+        for path, waiting in list(self.waiting.items()):
             try:
                 info = path.stat()
             except FileNotFoundError:
                 del self.waiting[path]
                 continue
-            if (info.st_size, info.st_mtime_ns) != (size, mtime):
-                self.waiting[path] = (info.st_size, info.st_mtime_ns, now)
-            elif now - since >= self.settle:
+            if (info.st_size, info.st_mtime_ns) != (waiting.size, waiting.mtime):
+                waiting.size, waiting.mtime, waiting.since = info.st_size, info.st_mtime_ns, now
+            elif waiting.closed and now - waiting.since >= self.settle:
                 del self.waiting[path]
                 ready.append(path)
         return ready
@@ -141,33 +181,51 @@ class HotFolder:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, poll_every: float = 0.5) -> None:
-        for folder in (self.output_dir, self.done_dir, self.failed_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        observer = self._watch()  # before the scan: a file arriving in between is seen by one of them
-        self._scan()
+        """Until ``stop``. A folder that goes away (removed, moved, its volume unmounted) is waited
+        for: jobs already made go on, and when a folder is there again it is watched afresh."""
+        identity = self._identity()
+        observer = self._arm()
         self.report({"event": "watching", "folder": str(self.folder), "output_dir": str(self.output_dir)})
         try:
             while not stop.is_set():
+                now = self._identity()
+                if now != identity:
+                    if observer is not None:
+                        observer.stop()
+                        observer.join(timeout=5)
+                    observer, identity = None, now
+                    self.waiting.clear()
+                    if now is None:
+                        self.report({"event": "folder gone", "folder": str(self.folder)})
+                    else:
+                        try:
+                            observer = self._arm()
+                        except OSError:
+                            identity = None  # gone again already: the next turn looks again
+                            continue
+                        self.report({"event": "watching", "folder": str(self.folder),
+                                     "output_dir": str(self.output_dir)})
                 ready = self._settled()
                 deadline = time.monotonic() + poll_every
                 while (remaining := deadline - time.monotonic()) > 0:
                     try:
-                        path = self.arrivals.get(timeout=remaining)
+                        path, kind = self.arrivals.get(timeout=remaining)
                     except queue.Empty:
                         break
-                    if CLOSE_EVENTS:
+                    if kind == "moved":  # renamed into the folder: written whole elsewhere
                         self.waiting.pop(path, None)
                         ready.append(path)
-                    else:
-                        self.waiting.setdefault(path, (-1, -1, time.monotonic()))
+                    elif path not in self.pending:
+                        self._touched(path, closed=kind == "closed" or not CLOSE_EVENTS)
                 for path in dict.fromkeys(ready):
                     if path not in self.pending and path.exists():
                         self.pending[path] = Pending(path)
                 self._advance()
                 self._progress()
         finally:
-            observer.stop()
-            observer.join(timeout=5)
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
 
     def _progress(self, until_done: str | None = None) -> None:
         """A line per step of each file's job, from the daemon's events (the queue stays the record).
@@ -206,7 +264,7 @@ class HotFolder:
             for item in list(self.pending.values()):
                 if item.job_id is None:
                     self._submit(item)
-                else:
+                elif not self._changed(item, item.job_id):
                     job = self.client.get(item.job_id)
                     if job["state"] in FINISHED:
                         self._finish(item, job)
@@ -219,12 +277,39 @@ class HotFolder:
             self.daemon_down = False
             self.report({"event": "daemon back"})
 
+    def _changed(self, item: Pending, job_id: str) -> bool:
+        """Whether the file changed after its job was made from it: then it is a new drop (its
+        whole new text is read once it settles) and the job for the old text is cancelled if it
+        has not finished. A file that vanished is not a change: its job goes on."""
+        try:
+            now = stat_of(item.path)
+        except FileNotFoundError:
+            if not item.gone:
+                item.gone = True
+                self.report({"event": "file gone", "file": item.path.name, "job": job_id})
+            return False
+        if now == item.read_as:
+            return False
+        try:
+            self.client.cancel(job_id)
+        except RequestFailed:
+            pass  # finished already: its images stay, named after the file
+        del self.pending[item.path]
+        self._touched(item.path, closed=True)  # its close may have passed while it was pending
+        self.report({"event": "changed", "file": item.path.name, "job": job_id})
+        return True
+
     def _submit(self, item: Pending) -> None:
         try:
+            before = stat_of(item.path)
             data = item.path.read_bytes()
-            info = item.path.stat()
+            after = stat_of(item.path)
         except FileNotFoundError:
             del self.pending[item.path]  # taken away before we got to it
+            return
+        if after != before:  # written to while we read it: not settled after all
+            del self.pending[item.path]
+            self._touched(item.path, closed=True)
             return
         try:
             if len(data) > MAX_PROMPT_FILE_BYTES:
@@ -238,14 +323,16 @@ class HotFolder:
             self._fail(item, str(exc))
             return
         # The file's identity and content: the same drop gets the same job, a new drop a new one.
-        identity = f"{self.folder}\0{item.path.name}\0{info.st_ino}\0{info.st_mtime_ns}\0".encode() + data
+        inode, _, mtime = after
+        identity = f"{self.folder}\0{item.path.name}\0{inode}\0{mtime}\0".encode() + data
         key = "hotfolder:" + hashlib.sha256(identity).hexdigest()[:40]
         try:
-            job = self.client.submit(**fields, output_dir=str(self.output_dir), idempotency_key=key)
+            job = self.client.submit(**fields, output_dir=str(self.output_dir), output_name=item.path.stem,
+                                     idempotency_key=key)
         except RequestFailed as exc:
             self._fail(item, f"{exc.message} ({exc.code})")
             return
-        item.job_id = job["id"]
+        item.job_id, item.read_as = job["id"], after
         self.report({"event": "queued", "file": item.path.name, "job": job["id"]})
         if job["state"] in FINISHED:
             self._finish(item, job)
@@ -256,40 +343,57 @@ class HotFolder:
             error = job.get("error") or {}
             self._fail(item, f"{error.get('message', job['state'])} ({error.get('code', job['state'])})")
             return
-        images = []
-        for output in job["outputs"]:
-            source = Path(output)
-            if source.exists():  # not moved yet (a restart may find some already moved)
-                target = free_name(self.output_dir, item.path.stem, ".png")
-                source.rename(target)
-                images.append(str(target))
-        item.path.rename(free_name(self.done_dir, item.path.stem, item.path.suffix))
+        # The daemon wrote the images under the file's name (output_name): its record names them.
+        moved = self._move(item, free_name(self.done_dir, item.path.stem, item.path.suffix))
         del self.pending[item.path]
-        self.report({"event": "done", "file": item.path.name, "job": job["id"], "images": images})
+        self.report({"event": "done", "file": item.path.name, "job": job["id"], "images": job["outputs"],
+                     **({} if moved else {"gone": True})})
 
     def _fail(self, item: Pending, reason: str) -> None:
         target = free_name(self.failed_dir, item.path.stem, item.path.suffix)
-        target.with_name(f"{target.stem}.error.txt").write_text(reason + "\n")
-        item.path.rename(target)
+        # The reason first: a crash before the move leaves the file here, and the next run writes
+        # the same reason file again (the move below has not taken `target`).
+        reason_file = target.with_name(f"{target.stem}.error.txt")
+        try:
+            self.failed_dir.mkdir(exist_ok=True)
+            reason_file.write_text(reason + "\n")
+        except FileNotFoundError:
+            pass  # the folder is gone, and the file with it
+        else:
+            if not self._move(item, target):
+                reason_file.unlink()  # no file to give a reason for
         del self.pending[item.path]
         self.report({"event": "failed", "file": item.path.name, "reason": reason})
+
+    def _move(self, item: Pending, target: Path) -> bool:
+        """The prompt file to done/ or failed/; False when it is gone (removed, or its folder moved)."""
+        try:
+            target.parent.mkdir(exist_ok=True)  # done/ or failed/ removed by hand
+            item.path.rename(target)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+_LINES = {
+    "failed": "{file}: failed: {reason}",
+    "queued": "{file}: queued as job {job}",
+    "progress": "{file}: step {step}/{total}",
+    "waiting": "waiting for the daemon: {reason}",
+    "watching": "watching {folder} (images to {output_dir})",
+    "folder gone": "{folder} is gone (removed or moved): waiting for a folder there again",
+    "file gone": "{file}: removed while its job {job} runs; its images still come",
+    "changed": "{file}: changed after it was read: read again, whole (job {job}, of the old text, is cancelled "
+               "unless it finished)",
+}
 
 
 def text_line(report: dict[str, Any]) -> str:
     kind = report["event"]
     if kind == "done":
-        return f"{report['file']}: done → {', '.join(report['images']) or '(images moved earlier)'}"
-    if kind == "failed":
-        return f"{report['file']}: failed: {report['reason']}"
-    if kind == "queued":
-        return f"{report['file']}: queued as job {report['job']}"
-    if kind == "progress":
-        return f"{report['file']}: step {report['step']}/{report['total']}"
-    if kind == "waiting":
-        return f"waiting for the daemon: {report['reason']}"
-    if kind == "watching":
-        return f"watching {report['folder']} (images to {report['output_dir']})"
-    return kind
+        gone = " (the prompt file was gone: nothing moved to done/)" if report.get("gone") else ""
+        return f"{report['file']}: done → {', '.join(report['images'])}{gone}"
+    return _LINES[kind].format(**report) if kind in _LINES else kind
 
 
 def json_line(report: dict[str, Any]) -> str:

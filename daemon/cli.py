@@ -202,6 +202,7 @@ def _stop(args: argparse.Namespace) -> int:
     from diffusiond.clients import Client, DaemonUnreachable
 
     from . import config
+    from .server import STOP_GRACE
     from .sockets import lock_held
 
     settings = config.load(args.config)
@@ -212,6 +213,8 @@ def _stop(args: argparse.Namespace) -> int:
         except DaemonUnreachable:
             print("no diffusiond is running", file=sys.stderr)
             return EXIT_OK
+    print(f"stopping diffusiond (pid {pid}): a running job goes back to the queue. A model call under way cannot "
+          f"be interrupted; the daemon waits {STOP_GRACE:g}s for it, then leaves it and exits", file=sys.stderr, flush=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not lock_held(settings.runtime_dir):

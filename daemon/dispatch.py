@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -180,7 +179,7 @@ class RemoteWorkers:
             self._fail(job_id, Code.INTERNAL, f"worker {peer.name} sent a result that is not the job's PNGs")
             return
         try:
-            outputs = write_job_outputs(Path(job.output_dir), job_id, pngs)
+            outputs = write_job_outputs(self.queue.output_paths(job_id, len(pngs)), pngs)
         except OSError as exc:
             self._fail(job_id, Code.OUTPUT_ERROR, f"cannot write the image: {exc}")
             return

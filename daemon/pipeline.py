@@ -174,7 +174,7 @@ class Pipeline:
         on_step: StepCallback | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Result:
-        """Make the request's images; ``cancelled`` is asked before every UNet call."""
+        """Make the request's images; ``cancelled`` is asked before every UNet call and the VAE decode."""
         r = resolve(request, self.model, self.limits)
         started = time.perf_counter()
         scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
@@ -230,6 +230,7 @@ class Pipeline:
                     on_step(i + 1, len(timesteps), latents)
         timings["denoise"] = time.perf_counter() - started - timings["prepare"]
 
+        check(len(timesteps))
         decoded = self.runtime.decode(latents / np.float32(self.model.scaling_factor))
         pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         flagged = [False] * r.count

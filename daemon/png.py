@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,11 @@ def encode_png(image: np.ndarray, parameters: str) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write temp + fsync + rename: readers see the whole file or none."""
+    """Write temp + fsync + rename: readers see the whole file or none. The file gets 0666 less
+    the umask, as any program's new file does (images are for sharing; mkstemp would make 0600)."""
     path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -64,7 +66,7 @@ def write_atomic(path: Path, data: bytes) -> Path:
             os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -94,14 +96,23 @@ def save_result(result: Result, model: str, first_path: Path) -> list[Path]:
     return [write_atomic(numbered(Path(first_path), i), data) for i, data in enumerate(encode_result(result, model))]
 
 
-def write_job_outputs(folder: Path, job_id: str, pngs: list[bytes]) -> list[str]:
-    """A job's PNGs named by its id: a rerun after a crash replaces them instead of adding more."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, data in enumerate(pngs):
-        path = numbered(folder / f"{job_id}.png", i)
-        for stale in folder.glob(f".{path.name}.*.tmp"):
+def write_job_outputs(paths: list[Path], pngs: list[bytes]) -> list[str]:
+    """A job's PNGs at the paths its queue record names (JobQueue.output_paths), replacing what an
+    interrupted earlier attempt left there.
+
+    All or none: when one cannot be written (a full disk), the others go too, so that the
+    record (a failed job has no outputs) and the disk agree; a retry writes them all again.
+    """
+    for i, (path, data) in enumerate(zip(paths, pngs)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # a crash's half-written file of this very output
-        paths.append(str(write_atomic(path, data)))
-    return paths
+        try:
+            write_atomic(path, data)
+        except OSError as exc:
+            for written in paths:  # this attempt's, and any an interrupted earlier attempt left
+                if written.is_file():
+                    written.unlink()
+            raise OSError(exc.errno, f"image {i + 1} of {len(pngs)}: {exc.strerror or exc}; none of the job's "
+                          "images is kept (make room, then `diffuse retry` the job)") from exc
+    return [str(path) for path in paths]

@@ -8,6 +8,7 @@ found running when the daemon starts was interrupted by a crash and is queued ag
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import sqlite3
@@ -39,7 +40,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT,
     result TEXT,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    output_name TEXT,
+    planned_outputs TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_next ON jobs (state, priority DESC, position);
 CREATE INDEX IF NOT EXISTS jobs_position ON jobs (position);
@@ -103,6 +106,10 @@ class JobQueue:
         # FULL: a job acknowledged is on disk even after a power cut; the server commits in batches.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for column in ("output_name", "planned_outputs"):  # a queue made before they existed
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         self._depth = 0
 
     def close(self) -> None:
@@ -144,6 +151,7 @@ class JobQueue:
         idempotency_key: str | None = None,
         init_image: bytes | None = None,
         max_queued: int | None = None,
+        output_name: str | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; with a key already used, the job that key made, and False."""
         with self.transaction():
@@ -155,9 +163,9 @@ class JobQueue:
             job_id = secrets.token_hex(6)
             self.db.execute(
                 "INSERT INTO jobs (id, state, priority, position, model, params, init_image, output_dir,"
-                " idempotency_key, created) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " idempotency_key, created, output_name) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, priority, self._next_position(), model, json.dumps(params), init_image, output_dir,
-                 idempotency_key, time.time()),
+                 idempotency_key, time.time(), output_name),
             )
             return self.get(job_id), True
 
@@ -170,6 +178,36 @@ class JobQueue:
     def init_image(self, job_id: str) -> bytes | None:
         row = self.db.execute("SELECT init_image FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None
+
+    def output_paths(self, job_id: str, count: int) -> list[Path]:
+        """Where a job's images go: ID.png, ID-2.png … by default; with an output name the first
+        free NAME.png, NAME-2.png … (nothing overwritten), chosen once and recorded before anything
+        is written, so that a rerun after a crash or a retry writes onto the same names."""
+        with self.transaction():
+            output_dir, name, planned = self.db.execute(
+                "SELECT output_dir, output_name, planned_outputs FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if name is None:
+                first = Path(output_dir) / f"{job_id}.png"
+                return [first if i == 0 else first.with_name(f"{job_id}-{i + 1}.png") for i in range(count)]
+            if planned is not None and len(json.loads(planned)) == count:
+                return [Path(path) for path in json.loads(planned)]
+            claimed = {
+                path for (others,) in self.db.execute(
+                    "SELECT planned_outputs FROM jobs WHERE id != ? AND state != 'done' AND output_dir = ?"
+                    " AND planned_outputs IS NOT NULL", (job_id, output_dir))
+                for path in json.loads(others)
+            }
+            paths: list[Path] = []
+            for n in itertools.count(1):
+                candidate = Path(output_dir) / (f"{name}.png" if n == 1 else f"{name}-{n}.png")
+                if str(candidate) not in claimed and not candidate.exists():
+                    paths.append(candidate)
+                    if len(paths) == count:
+                        break
+            self.db.execute("UPDATE jobs SET planned_outputs = ? WHERE id = ?",
+                            (json.dumps([str(path) for path in paths]), job_id))
+            return paths
 
     def claim_next(self, named_models_only: bool = False) -> Job | None:
         """The next job by priority, then FIFO, now running; None when nothing is queued.
@@ -186,23 +224,27 @@ class JobQueue:
             )
             return self.get(job.id)
 
-    def _finish(self, job_id: str, state: str, **columns: Any) -> Job:
+    def _finish(self, job_id: str, state: str, was: tuple[str, ...], **columns: Any) -> Job | None:
+        """The job, now ``state``; None when it was no longer in one of the states ``was`` (at stop,
+        the server requeues a job whose worker is stuck in a model call: the worker's late outcome
+        must not overwrite that)."""
         sets = ", ".join(f"{name} = ?" for name in columns)
+        marks = ", ".join("?" * len(was))
         with self.transaction():
-            self.db.execute(
-                f"UPDATE jobs SET state = ?, finished = ?{', ' + sets if sets else ''} WHERE id = ?",
-                (state, time.time(), *columns.values(), job_id),
-            )
-            return self.get(job_id)
+            changed = self.db.execute(
+                f"UPDATE jobs SET state = ?, finished = ?{', ' + sets if sets else ''} WHERE id = ? AND state IN ({marks})",
+                (state, time.time(), *columns.values(), job_id, *was),
+            ).rowcount
+            return self.get(job_id) if changed else None
 
-    def done(self, job_id: str, outputs: list[str], result: dict[str, Any]) -> Job:
-        return self._finish(job_id, "done", outputs=json.dumps(outputs), result=json.dumps(result))
+    def done(self, job_id: str, outputs: list[str], result: dict[str, Any]) -> Job | None:
+        return self._finish(job_id, "done", ("running",), outputs=json.dumps(outputs), result=json.dumps(result))
 
-    def fail(self, job_id: str, code: str, message: str) -> Job:
-        return self._finish(job_id, "failed", error_code=code, error_message=message)
+    def fail(self, job_id: str, code: str, message: str) -> Job | None:
+        return self._finish(job_id, "failed", ("running",), error_code=code, error_message=message)
 
-    def cancelled(self, job_id: str) -> Job:
-        return self._finish(job_id, "cancelled", error_code=Code.CANCELLED, error_message="cancelled")
+    def cancelled(self, job_id: str) -> Job | None:
+        return self._finish(job_id, "cancelled", ("queued", "running"), error_code=Code.CANCELLED, error_message="cancelled")
 
     def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled now; a running one is marked, and its worker stops it."""
@@ -211,7 +253,8 @@ class JobQueue:
             if job.state in FINISHED:
                 raise ProtocolError(Code.INVALID_STATE, f"job {job_id} is {job.state} already")
             if job.state == "queued":
-                return self.cancelled(job_id)
+                self.cancelled(job_id)
+                return self.get(job_id)
             self.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self.get(job_id)
 
@@ -222,14 +265,18 @@ class JobQueue:
                 self.cancelled(job_id)
             return ids
 
-    def requeue(self, job_id: str) -> Job:
-        """A running job back to the queue, at its old place (the daemon is stopping)."""
+    def requeue(self, job_id: str) -> Job | None:
+        """A running job back to the queue, at its old place (the daemon is stopping); None when
+        it was not running any more."""
         with self.transaction():
-            self.db.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE id = ?", (job_id,))
-            return self.get(job_id)
+            changed = self.db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL WHERE id = ? AND state = 'running'", (job_id,)
+            ).rowcount
+            return self.get(job_id) if changed else None
 
     def recover(self) -> tuple[list[str], list[str]]:
-        """At start: jobs a crash left running are queued again, or cancelled if that was asked."""
+        """Jobs left running with nobody to run them — by a crash (at start), or by a worker still
+        inside a model call when the daemon stops — are queued again, or cancelled if that was asked."""
         with self.transaction():
             rows = self.db.execute("SELECT id, cancel_requested FROM jobs WHERE state = 'running'").fetchall()
             requeued = [job_id for job_id, cancel in rows if not cancel]

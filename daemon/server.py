@@ -26,6 +26,7 @@ from diffusiond.clients.protocol import (
     VERSION,
     Code,
     ProtocolError,
+    endpoints,
     error,
     ok,
     pack,
@@ -55,6 +56,11 @@ BATCH = 512  # requests handled per commit at most
 MAX_INIT_IMAGE_SIDE = 4096
 MAX_PRIORITY = 1000
 MAX_LIST = 1000
+# Seconds a stop waits for the worker to reach a point between model calls; a call that runs
+# longer (one step of a huge image on the CPU) is abandoned and its job queued again.
+STOP_GRACE = 5.0
+CANCEL_PENDING = ("job {job} stops before its next model call (each denoising step is one, the VAE decode "
+                  "another); a call under way is not interrupted, so on a slow machine that can take a while")
 # Each job field's wire type: a value of another type is `bad_message`, one outside its limits
 # `invalid_parameter` (resolve()).
 _JOB_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -67,7 +73,10 @@ _TYPE_NAMES: dict[Any, str] = {
     bytes: "binary (msgpack bin)", list: "a list", dict: "a map", type(None): "nil",
 }
 _LAST_OF_A_RUN = {"job.done", "job.failed", "job.cancelled", "job.requeued"}
-_SUBMIT_FIELDS = _JOB_FIELDS | {"v", "op", "id", "model", "priority", "output_dir", "idempotency_key", "init_image"}
+_SUBMIT_FIELDS = _JOB_FIELDS | {
+    "v", "op", "id", "model", "priority", "output_dir", "output_name", "idempotency_key", "init_image",
+}
+MAX_OUTPUT_NAME = 240  # bytes: room for "-16.png" in a 255-byte file name
 
 
 def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -180,19 +189,43 @@ class Server:
             if self.remote_workers is not None:
                 self.remote_workers.stop()
             self.worker.stop()
-            self.worker.join(timeout=60)
-            self.downloader.join(timeout=10)
+            self.worker.join(timeout=STOP_GRACE)
+            self.downloader.join(timeout=STOP_GRACE)
             while pull.poll(0):
                 self._forward(pull)
+            self._settle_running()
             self.queue.close()
             if authenticator is not None:
                 authenticator.stop()
             for socket in sockets:
                 socket.close(linger=0)
+            for endpoint in endpoints(runtime_dir):
+                Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)  # clients see "not running" at once
+            stuck = [thread.name for thread in (self.worker, self.downloader) if thread.is_alive()]
+            if stuck:
+                # A model call (or a download's read) cannot be interrupted, and the context cannot
+                # end while its thread holds a socket: leave now. The queue holds every outcome, and
+                # the lock goes with the process.
+                log.warning("stopped; the %s was still inside a call after %gs and is abandoned",
+                            " and the ".join(stuck), STOP_GRACE)
+                logging.shutdown()
+                os._exit(exit_code)
             self.context.term()
             os.close(lock)
             log.info("stopped")
         return exit_code
+
+    def _settle_running(self) -> None:
+        """Give every job still running the outcome stop promises: queued again, or cancelled if
+        that was asked. Only a worker stuck in a model call leaves one (or one that died); its late
+        result is then ignored, as the queue accepts an outcome only for a running job."""
+        requeued, cancelled = self.queue.recover()
+        for job_id in requeued:
+            log.info("job %s queued again: its model call was still running at stop", job_id)
+            self._publish(f"job.{job_id}".encode(),
+                          {"type": "job.requeued", "job": job_id, "reason": "daemon stopping"})
+        for job_id in cancelled:
+            self._publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id})
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("%s: finishing up", signal.Signals(signum).name)
@@ -329,6 +362,13 @@ class Server:
         if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
             raise ProtocolError(Code.INVALID_PARAMETER, f"priority: must be from {-MAX_PRIORITY} to {MAX_PRIORITY}")
         output_dir = self._output_dir(_field(message, "output_dir", str))
+        output_name = _field(message, "output_name", str)
+        if output_name is not None and (
+            not 0 < len(output_name.encode("utf-8", "surrogatepass")) <= MAX_OUTPUT_NAME or output_name.startswith(".")
+            or any(c in output_name for c in "/\\\0")
+        ):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"output_name: a file name of 1 to {MAX_OUTPUT_NAME} bytes "
+                                "of UTF-8, without / or \\, not starting with a dot")
         if self.remote_request and not (model_name in ALIASES or catalog.lookup(model_name) or store.is_hub_id(model_name)):
             raise ProtocolError(Code.INVALID_PARAMETER, "model: from another machine, a catalog name or a Hub id")
         key = _field(message, "idempotency_key", str)
@@ -348,7 +388,8 @@ class Server:
         image_bytes = _field(message, "init_image", bytes)
         request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits)
         params = {name: getattr(request, name) for name in _JOB_FIELDS}
-        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes, self.config.max_queued)
+        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes,
+                                         self.config.max_queued, output_name)
         if created:
             self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": priority}))
         return {"job": job.to_wire(), "created": created}
@@ -413,12 +454,12 @@ class Server:
                 self.outbox.append((f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id}))
             return {"cancelled": ids}
         job = self.queue.cancel(_required(message, "job", str))
-        if job.state == "running":
-            if self.remote_workers is None or not self.remote_workers.cancel(job.id):
-                self.worker.cancel(job.id)  # it stops before its next step and says so
-        else:
+        if job.state != "running":
             self.outbox.append((f"job.{job.id}".encode(), {"type": "job.cancelled", "job": job.id}))
-        return {"job": job.to_wire()}
+            return {"job": job.to_wire(), "pending": False}
+        if self.remote_workers is None or not self.remote_workers.cancel(job.id):
+            self.worker.cancel(job.id)
+        return {"job": job.to_wire(), "pending": True, "message": CANCEL_PENDING.format(job=job.id)}
 
     def _op_pause(self, message: dict[str, Any]) -> dict[str, Any]:
         self.queue.set_paused(True)

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -145,13 +144,15 @@ class Worker(threading.Thread):
             on_step = progress_reporter(job.id, self._emit, self.wants_preview)
             result = pipeline.generate(request, on_step=on_step, cancelled=cancelled)
             self.models.touch(job.model)
-            outputs = write_job_outputs(Path(job.output_dir), job.id, encode_result(result, job.model))
+            pngs = encode_result(result, job.model)
+            outputs = write_job_outputs(queue.output_paths(job.id, len(pngs)), pngs)
         except Cancelled:
+            # Either outcome may have been recorded already: a daemon that stopped while this
+            # worker was inside a model call settled the job itself (Server._settle_running).
             if job.id in self.cancels:
-                queue.cancelled(job.id)
-                self._emit(topic, {"type": "job.cancelled", "job": job.id})
-            else:
-                queue.requeue(job.id)
+                if queue.cancelled(job.id) is not None:
+                    self._emit(topic, {"type": "job.cancelled", "job": job.id})
+            elif queue.requeue(job.id) is not None:
                 self._emit(topic, {"type": "job.requeued", "job": job.id, "reason": "daemon stopping"})
             return
         except EngineError as exc:
@@ -167,9 +168,9 @@ class Worker(threading.Thread):
         finally:
             self.cancels.discard(job.id)
         done = summary(result)
-        queue.done(job.id, outputs, done)
-        self._emit(topic, {"type": "job.done", "job": job.id, "outputs": outputs, **done})
+        if queue.done(job.id, outputs, done) is not None:
+            self._emit(topic, {"type": "job.done", "job": job.id, "outputs": outputs, **done})
 
     def _failed(self, queue: JobQueue, job: Job, code: str, message: str) -> None:
-        queue.fail(job.id, code, message)
-        self._emit(f"job.{job.id}".encode(), {"type": "job.failed", "job": job.id, "code": code, "message": message})
+        if queue.fail(job.id, code, message) is not None:
+            self._emit(f"job.{job.id}".encode(), {"type": "job.failed", "job": job.id, "code": code, "message": message})

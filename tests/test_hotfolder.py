@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from diffusiond.clients.pngtext import read_text
 PARAMS = "Steps: 1, Size: 64x64, CFG scale: 1"
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_hot_folder_left_running():
+    """A test that fails half-way leaves no hot folder behind."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 class HotFolderProcess:
     def __init__(self, daemon, folder: Path) -> None:
         self.daemon, self.folder = daemon, folder
@@ -30,6 +45,7 @@ class HotFolderProcess:
              "--json", "hotfolder", str(self.folder), "--settle", "1"],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
         )
+        STARTED.append(self.process)
         return self
 
     def reports(self) -> list[dict]:
@@ -195,3 +211,117 @@ def test_a_file_asking_for_several_images_gets_them_all(daemon, tmp_path, count)
     images = files_in(folder / "out")
     assert [p.name for p in images] == ["many-2.png", "many.png"]
     assert parse_infotext(read_text(images[0])["parameters"]).negative_prompt == "blur"
+
+
+def watching(hot: HotFolderProcess, times: int = 1) -> None:
+    wait_until(lambda: sum(r["event"] == "watching" for r in hot.reports()) >= times, 60, "the hot folder to watch")
+
+
+def test_the_job_record_names_the_images_the_file_became(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    (folder / "out").mkdir()
+    (folder / "out" / "taken.png").write_bytes(b"someone else's")
+    drop(folder, "taken.txt", f"two images\n{PARAMS}, Batch size: 2\n")
+    hot = HotFolderProcess(daemon, folder).start()
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file")
+    assert hot.stop() == 0
+    done = next(r for r in hot.reports() if r["event"] == "done")
+    job = daemon.call("get", job=done["job"])["job"]
+    assert job["outputs"] == [str(folder.resolve() / "out" / name) for name in ("taken-2.png", "taken-3.png")]
+    assert done["images"] == job["outputs"] and all(Path(path).is_file() for path in job["outputs"])
+    assert (folder / "out" / "taken.png").read_bytes() == b"someone else's"
+
+
+def test_a_file_removed_after_it_was_queued_does_not_stop_the_hot_folder(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    watching(hot)
+    drop(folder, "gone.txt", "removed while its job runs\nSteps: 25, Size: 256x256\n")
+    wait_until(lambda: any(r["event"] == "queued" for r in hot.reports()), 60, "the job")
+    (folder / "gone.txt").unlink()
+    wait_until(lambda: any(r["event"] == "done" for r in hot.reports()), 120, "its job to end")
+    assert hot.process.poll() is None, hot.log.read_text()
+    assert [r.get("gone") for r in hot.reports() if r["event"] == "done"] == [True]
+    assert [p.name for p in files_in(folder / "out")] == ["gone.png"], "its images still come"
+    drop(folder, "next.txt", f"the next file\n{PARAMS}\n")
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the next file")
+    assert hot.stop() == 0
+    assert files_in(folder / "failed") == []
+
+
+@pytest.mark.parametrize("how", ["removed", "moved"])
+def test_a_folder_removed_or_moved_away_is_waited_for_and_watched_again(daemon, tmp_path, how) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    watching(hot)
+    if how == "removed":
+        shutil.rmtree(folder)
+    else:
+        folder.rename(tmp_path / "elsewhere")
+    wait_until(lambda: any(r["event"] == "folder gone" for r in hot.reports()), 30, "the hot folder to notice")
+    assert hot.process.poll() is None, hot.log.read_text()
+    folder.mkdir()
+    watching(hot, times=2)
+    drop(folder, "back.txt", f"a file in the folder that came back\n{PARAMS}\n")
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file")
+    assert hot.stop() == 0
+    assert [p.name for p in files_in(folder / "out")] == ["back.png"]
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as file:  # `>>`: open, write, close, every time
+        file.write(text)
+
+
+def test_a_file_appended_to_in_several_writes_becomes_one_job_of_its_whole_text(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    watching(hot)
+    for part in ("a lighthouse", " at dusk", f"\n{PARAMS}\n"):
+        append(folder / "parts.txt", part)
+        time.sleep(0.3)  # the writer's own pace, shorter than --settle: not a synchronisation
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file")
+    assert hot.stop() == 0
+    assert [r["event"] for r in hot.reports()].count("queued") == 1
+    images = files_in(folder / "out")
+    assert [parse_infotext(read_text(image)["parameters"]).prompt for image in images] == ["a lighthouse at dusk"]
+
+
+def test_a_file_changed_after_it_was_read_is_read_again_whole(daemon, tmp_path) -> None:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    watching(hot)
+    append(folder / "late.txt", "a lighthouse")  # the daemon's defaults: a job of some seconds
+    wait_until(lambda: any(r["event"] == "queued" for r in hot.reports()), 60, "the first job")
+    append(folder / "late.txt", f" at dusk\n{PARAMS}\n")  # the tail, after the writer paused too long
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file")
+    assert hot.stop() == 0
+    first, second = [r["job"] for r in hot.reports() if r["event"] == "queued"]
+    assert any(r["event"] == "changed" and r["job"] == first for r in hot.reports())
+    assert daemon.call("get", job=first)["job"]["state"] == "cancelled"
+    assert (folder / "done" / "late.txt").read_text() == f"a lighthouse at dusk\n{PARAMS}\n"
+    images = files_in(folder / "out")
+    assert [parse_infotext(read_text(image)["parameters"]).prompt for image in images] == ["a lighthouse at dusk"]
+    assert daemon.call("get", job=second)["job"]["outputs"] == [str(images[0].resolve())]
+
+
+def test_a_failing_file_written_in_two_goes_gets_one_reason(daemon, tmp_path) -> None:
+    """Once each write was read as a file of its own: `x.error.txt` and `x-2.error.txt`."""
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    hot = HotFolderProcess(daemon, folder).start()
+    watching(hot)
+    append(folder / "x.txt", "a cat\nSteps: many\n")
+    time.sleep(0.3)  # the writer's own pace, shorter than --settle
+    append(folder / "x.txt", "Steps: 1, Size: 65x64\n")
+    wait_until(lambda: files_in(folder / "failed", "*.error.txt") != [], 60, "the failure")
+    drop(folder, "after.txt", f"a file dropped after both writes\n{PARAMS}\n")
+    wait_until(lambda: files_in(folder / "done") != [], 120, "the file dropped after")
+    assert hot.stop() == 0
+    assert [p.name for p in files_in(folder / "failed")] == ["x.error.txt", "x.txt"]
+    assert "width: must be a multiple of 8" in (folder / "failed" / "x.error.txt").read_text()
