@@ -15,6 +15,7 @@ from diffusiond.clients.infotext import Infotext, format_infotext
 
 from . import schedulers
 from .pipeline import Request, Result
+from .queue import numbered
 
 VERSION = "diffusiond 0.1.0"
 
@@ -85,11 +86,6 @@ def encode_result(result: Result, model: str) -> list[bytes]:
     """A result's images as PNGs, each with the infotext that reproduces it."""
     return [encode_png(image, infotext(result.request, model, i, result.flagged[i], result.dropped_prompt))
             for i, image in enumerate(result.images)]
-
-
-def numbered(first_path: Path, index: int) -> Path:
-    """Image `index` of a job beside its first: NAME.png, NAME-2.png, …"""
-    return first_path if index == 0 else first_path.with_name(f"{first_path.stem}-{index + 1}{first_path.suffix}")
 
 
 def save_result(result: Result, model: str, first_path: Path) -> list[Path]:

@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def numbered(first_path: Path, index: int) -> Path:
+    """Image `index` of a job beside its first: NAME.png, NAME-2.png, …"""
+    return first_path if index == 0 else first_path.with_name(f"{first_path.stem}-{index + 1}{first_path.suffix}")
+
+
 @dataclass
 class Job:
     id: str
@@ -188,8 +193,7 @@ class JobQueue:
                 "SELECT output_dir, output_name, planned_outputs FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             if name is None:
-                first = Path(output_dir) / f"{job_id}.png"
-                return [first if i == 0 else first.with_name(f"{job_id}-{i + 1}.png") for i in range(count)]
+                return [numbered(Path(output_dir) / f"{job_id}.png", i) for i in range(count)]
             if planned is not None and len(json.loads(planned)) == count:
                 return [Path(path) for path in json.loads(planned)]
             claimed = {
@@ -199,8 +203,8 @@ class JobQueue:
                 for path in json.loads(others)
             }
             paths: list[Path] = []
-            for n in itertools.count(1):
-                candidate = Path(output_dir) / (f"{name}.png" if n == 1 else f"{name}-{n}.png")
+            for n in itertools.count():
+                candidate = numbered(Path(output_dir) / f"{name}.png", n)
                 if str(candidate) not in claimed and not candidate.exists():
                     paths.append(candidate)
                     if len(paths) == count:
