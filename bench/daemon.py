@@ -37,12 +37,12 @@ from typing import Any
 import zmq
 
 from diffusiond.clients.protocol import endpoints, pack, unpack
-from diffusiond.daemon import schedulers
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.model import ModelFolder
-from diffusiond.daemon.pipeline import Pipeline, Request
-from diffusiond.daemon.png import save_result
-from diffusiond.daemon.queue import JobQueue
+from diffusiond.daemon.engine import schedulers
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.png import save_result
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
+from diffusiond.daemon.service.queue import JobQueue
 
 PROMPT = "a lighthouse at dusk, oil painting"
 TIMEOUT_MS = 30_000  # any wait longer than this is a hang: fail rather than loop
@@ -209,7 +209,7 @@ def one_job(daemon: Daemon, repeats: int, steps: int, scheduler: str, threads: i
     """Phase 1; returns the params the daemon stored for the job, which the storage baseline inserts."""
     import torch
 
-    from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime
+    from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
 
     torch.set_num_threads(threads)
     check = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]

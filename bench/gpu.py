@@ -62,11 +62,12 @@ import torch
 import torch._inductor.config
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusiond.daemon import schedulers
-from diffusiond.daemon.model import TINY, ModelFolder
-from diffusiond.daemon.noise import noise_source
-from diffusiond.daemon.pipeline import Pipeline, Request
-from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime, TorchSettings
+from diffusiond.daemon.engine import schedulers
+from diffusiond.daemon.engine.noise import noise_source
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime, TorchSettings
+from diffusiond.daemon.models.catalog import TINY
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 PROMPT = "a lighthouse at dusk, oil painting"
 SEED = 1
@@ -290,7 +291,7 @@ class Bench:
         row.image = pipeline.generate(self.request).images[0]
         embeds = np.zeros((2, 77, runtime.text_encoder.config.hidden_size), dtype=np.float32)
         if runtime.device_loop:
-            from diffusiond.daemon.linear_steps import LinearPlan
+            from diffusiond.daemon.engine.linear_steps import LinearPlan
 
             n = self.args.steps
             plan = LinearPlan(np.full(n, 999.0), np.zeros((n, n + 1), np.float32), np.zeros((n + 1, n + 1), np.float32))

@@ -19,10 +19,10 @@ import diffusers
 import numpy as np
 import torch
 
-from diffusiond.daemon import schedulers
-from diffusiond.daemon.model import ModelFolder
-from diffusiond.daemon.pipeline import Pipeline, Request
-from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime
+from diffusiond.daemon.engine import schedulers
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 PROMPT = "a lighthouse at dusk, oil painting"
 

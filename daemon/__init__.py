@@ -1,1 +1,1 @@
-"""The diffusiond server process: queue, worker and the image engine."""
+"""The diffusiond server process, by concept: engine/, models/, coreml/ and service/ (docs/architecture.md)."""

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from diffusiond.clients.cli import Progress, path_argument, size_argument
 
-from . import schedulers
-from .coreml_layout import COMPUTE_UNITS
-from .coreml_model import PARTS
+from .config import Limits
+from .engine import schedulers
+from .engine.pipeline import Request
 from .errors import EngineError
-from .pipeline import Limits, Request
+from .models.coreml_folder import PARTS
+from .models.coreml_layout import COMPUTE_UNITS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -88,12 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .errors import InvalidParameter
-    from .model import ModelFolder
-    from .pipeline import Pipeline, resolve
     from .config import load
-    from .png import save_result
-    from .runtimes import open_runtime
+    from .engine.pipeline import Pipeline, resolve
+    from .errors import InvalidParameter
+    from .engine.png import save_result
+    from .engine.runtimes import open_runtime
+    from .models.diffusers_folder import ModelFolder
 
     width, height = args.size or (None, None)
     init_image = None
@@ -113,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     options = {}
     if model.runtime == "torch":  # one image: compiling or capturing graphs would not pay
-        from .runtimes.torch_runtime import TorchSettings
+        from .engine.runtimes.torch_runtime import TorchSettings
 
         options["settings"] = TorchSettings(compile="off", cuda_graphs="off")
     runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
@@ -144,9 +145,9 @@ def _serve(args: argparse.Namespace) -> int:
     import zmq
 
     from . import config
-    from .remote import RemoteError
-    from .server import Server
-    from .sockets import RuntimeDirError
+    from .service.remote import RemoteError
+    from .service.server import Server
+    from .service.sockets import RuntimeDirError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -202,8 +203,8 @@ def _stop(args: argparse.Namespace) -> int:
     from diffusiond.clients import Client, DaemonUnreachable
 
     from . import config
-    from .server import STOP_GRACE
-    from .sockets import lock_held
+    from .service.server import STOP_GRACE
+    from .service.sockets import lock_held
 
     settings = config.load(args.config)
     with Client(settings.runtime_dir, timeout=5) as client:
@@ -228,7 +229,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     import subprocess
 
-    from . import service
+    from .service import login_service
 
     if args.hotfolder is not None and not args.hotfolder.is_dir():
         print(f"diffusiond: {args.hotfolder} is not a folder", file=sys.stderr)
@@ -243,12 +244,12 @@ def _install(args: argparse.Namespace) -> int:
         if args.hotfolder is not None:
             print("diffusiond: --hotfolder goes with the daemon's install, not a worker's", file=sys.stderr)
             return EXIT_USAGE
-        wanted = [service.worker_service(args.connect, args.server_key, args.worker_key, args.name, args.config)]
+        wanted = [login_service.worker_service(args.connect, args.server_key, args.worker_key, args.name, args.config)]
     else:
-        wanted = service.services(args.config, args.hotfolder)
-    manager = service.manager()
+        wanted = login_service.services(args.config, args.hotfolder)
+    manager = login_service.manager()
     try:
-        paths = service.install(wanted, manager)
+        paths = login_service.install(wanted, manager)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or ""
         print(f"diffusiond: installing failed: {exc} {detail.strip()}", file=sys.stderr)
@@ -262,7 +263,7 @@ def _install(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from . import config
-    from .remote import make_keys
+    from .service.remote import make_keys
 
     settings = config.load(args.config)
     for path in make_keys(settings.keys_dir, args.client, args.worker):
@@ -278,7 +279,7 @@ def _worker(args: argparse.Namespace) -> int:
     import logging
 
     from . import config
-    from .remote_worker import RemoteWorker
+    from .service.remote_worker import RemoteWorker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -290,17 +291,17 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    from . import service
+    from .service import login_service
 
-    for path in service.uninstall(service.manager()):
+    for path in login_service.uninstall(login_service.manager()):
         print(f"removed {path}")
     return EXIT_OK
 
 
 def _service_status(args: argparse.Namespace) -> int:
-    from . import service
+    from .service import login_service
 
-    for row in service.status(service.manager()):
+    for row in login_service.status(login_service.manager()):
         print(f"{row['service']}: installed {row['installed']}, loaded {row['loaded']}, {row['state']}, "
               f"pid {row['pid']}; logs: {row['logs']}")
     return EXIT_OK
@@ -313,7 +314,7 @@ def _resolution(text: str) -> tuple[int, int]:
 
 def _convert(args: argparse.Namespace) -> int:
     try:
-        from .converter import convert
+        from .coreml.converter import convert
     except ImportError as exc:
         print(f"diffusiond: converting needs torch, diffusers and coremltools ({exc}): "
               "pip install 'diffusiond[convert]'", file=sys.stderr)
@@ -330,13 +331,13 @@ def _convert(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from . import compute_units
-    from .bench import measure, table
     from .config import load
-    from .hardware import this_machine
-    from .model import ModelFolder
-    from .pipeline import Pipeline
-    from .runtimes.coreml_runtime import CoreMLRuntime
+    from .coreml import compute_units
+    from .coreml.compute_bench import measure, table
+    from .coreml.hardware import this_machine
+    from .engine.pipeline import Pipeline
+    from .engine.runtimes.coreml_runtime import CoreMLRuntime
+    from .models.diffusers_folder import ModelFolder
 
     settings = load(args.config)
     name = args.model or settings.model

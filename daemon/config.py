@@ -15,7 +15,6 @@ from typing import Any
 
 from diffusiond.clients.protocol import default_runtime_dir
 
-from .pipeline import MIN_SIZE, Limits
 
 
 def _home(*parts: str) -> Path:
@@ -35,6 +34,20 @@ def _default_state_dir() -> Path:
     if sys.platform == "darwin":
         return _home("Library", "Application Support", "diffusiond")
     return Path(os.environ.get("XDG_STATE_HOME") or _home(".local", "state")) / "diffusiond"
+
+
+MIN_SIZE = 64  # the smallest width or height; Limits.size is the largest
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (docs/engine.md); the config may lower them; the engine enforces them."""
+
+    prompt_chars: int = 4000
+    steps: int = 150
+    size: int = 2048
+    count: int = 16
+    guidance: float = 50.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from diffusiond.daemon.model import TINY, ModelFolder
+from diffusiond.daemon.models.catalog import TINY
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 # Two cores: keep torch from oversubscribing them while pytest runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -20,7 +21,7 @@ def tiny() -> ModelFolder:
 
 @pytest.fixture(scope="session")
 def runtime(tiny):
-    from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime
+    from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
 
     return TorchRuntime(tiny.path, "cpu")
 

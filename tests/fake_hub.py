@@ -251,7 +251,7 @@ def coreml_listing(repo_id: str) -> dict[str, Any]:
 def _published_files(path: str, mark: str) -> list[tuple[str, bytes]]:
     """A listed path's files: a tokenizer file (the tiny model's stands in for CLIP's), a compiled
     model (its reconstructed metadata.json, stand-in weights), a package or any other file (stand-ins)."""
-    from diffusiond.daemon.model import TINY
+    from diffusiond.daemon.models.catalog import TINY
 
     if mark in ("vocab.json", "merges.txt"):
         return [(path, (TINY / "tokenizer" / mark).read_bytes())]

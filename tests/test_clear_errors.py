@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffusiond.clients.client import Client, RequestFailed
 from diffusiond.clients.protocol import MAX_MESSAGE_BYTES, Code
-from diffusiond.daemon.model import TINY
+from diffusiond.daemon.models.catalog import TINY
 
 FAST = ["--steps", "1", "--size", "64x64"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffusiond.clients.infotext import parse_infotext
-from diffusiond.daemon.png import read_parameters
+from diffusiond.daemon.engine.png import read_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 

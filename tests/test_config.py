@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from diffusiond.daemon import config
+from diffusiond.daemon.config import Limits
+from diffusiond.daemon.engine.pipeline import Request, resolve
 from diffusiond.daemon.errors import InvalidParameter
-from diffusiond.daemon.pipeline import Limits, Request, resolve
 
 
 def test_no_file_means_defaults(tmp_path) -> None:

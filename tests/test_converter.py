@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusiond.daemon.model import TINY
+from diffusiond.daemon.models.catalog import TINY
 
 import coremltools as ct  # noqa: E402  (the dev extra installs it)
 
@@ -28,7 +28,7 @@ WEIGHT_THRESHOLD = 2048  # coremltools' OpPalettizerConfig default: constants of
 def palettized(tmp_path_factory) -> tuple[Path, list[str]]:
     """The tiny model converted once with --palettize (original attention: the quicker Unet to
     trace), and the progress lines."""
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     lines: list[str] = []
     out = convert("tiny", tmp_path_factory.mktemp("palettized") / "tiny", "original", palettize=True,
@@ -117,7 +117,7 @@ SWIFT_NAMES = {"TextEncoder": "text_encoder", "Unet": "unet", "VAEDecoder": "vae
 def test_resources_are_laid_out_as_apples_bundle_for_the_swift_cli(palettized, stand_in_xcrun, tmp_path) -> None:
     import shutil
 
-    from diffusiond.daemon.converter import swift_resources
+    from diffusiond.daemon.coreml.converter import swift_resources
 
     out = shutil.copytree(palettized[0], tmp_path / "tiny")
     lines: list[str] = []
@@ -141,7 +141,7 @@ def test_a_mac_without_xcodes_tools_is_told_the_packages_are_whole_and_what_to_i
     """A stand-in for macOS's /usr/bin/xcrun without Xcode's command-line tools (its message, exit 1)."""
     import shutil
 
-    from diffusiond.daemon.converter import swift_resources
+    from diffusiond.daemon.coreml.converter import swift_resources
     from diffusiond.daemon.errors import ConversionFailed
 
     message = "xcrun: error: invalid active developer path (/Library/Developer/CommandLineTools)"
@@ -165,7 +165,7 @@ def test_without_xcrun_convert_skips_resources_saying_why(palettized) -> None:
 def test_swift_gets_a_safety_checker_only_for_512x512(tiny_with_safety_checker, stand_in_xcrun, tmp_path, size,
                                                       in_resources) -> None:
     """Swift's SafetyChecker.isSafe feeds `images` of 1×512×512×3 whatever the model's size."""
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     lines: list[str] = []
     out = convert(str(tiny_with_safety_checker), tmp_path, size=size, progress=lines.append, parts=("SafetyChecker",))
@@ -181,7 +181,7 @@ def test_swift_gets_a_safety_checker_only_for_512x512(tiny_with_safety_checker, 
 @needs_a_mac
 def test_on_a_mac_resources_holds_compiled_models_that_declare_the_packages_inputs(palettized) -> None:
     """Inputs only: compiled models may declare outputs with an empty shape (Apple's published ones do)."""
-    from diffusiond.daemon.coreml_model import CoreMLFolder, describe
+    from diffusiond.daemon.models.coreml_folder import CoreMLFolder, describe
 
     out, _ = palettized
     resources = out / "Resources"
@@ -194,7 +194,7 @@ def test_on_a_mac_resources_holds_compiled_models_that_declare_the_packages_inpu
 def test_convert_and_the_cli_default_to_split_einsum_attention(tmp_path) -> None:
     """docs/coreml.md and `diffusiond convert --help` say split_einsum is the default."""
     from diffusiond.daemon.cli import main
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     assert main(["convert", "tiny", "--out", str(tmp_path / "cli"), "--parts", "TextEncoder"]) == 0
     convert("tiny", tmp_path / "api", progress=lambda _: None, parts=("TextEncoder",))

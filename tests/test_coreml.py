@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusiond.daemon import compute_units
-from diffusiond.daemon.coreml_model import CoreMLFolder, Description, Port, description_from_metadata, find_parts
+from diffusiond.daemon.coreml import compute_units
+from diffusiond.daemon.coreml.hardware import parse_sysctl
+from diffusiond.daemon.engine.pipeline import Request, resolve
+from diffusiond.daemon.engine.runtimes import coreml_runtime as cr
 from diffusiond.daemon.errors import InvalidParameter, ModelInvalid
-from diffusiond.daemon.hardware import parse_sysctl
-from diffusiond.daemon.model import TINY, ModelFolder
-from diffusiond.daemon.pipeline import Request, resolve
-from diffusiond.daemon.runtimes import coreml_runtime as cr
+from diffusiond.daemon.models.catalog import TINY
+from diffusiond.daemon.models.coreml_folder import CoreMLFolder, Description, Port, description_from_metadata, find_parts
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 import coremltools as ct  # noqa: E402  (the dev extra installs it)
 ON_APPLE_SILICON = sys.platform == "darwin" and platform.machine() == "arm64"
@@ -31,7 +32,7 @@ PARTS = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
 def converted(tmp_path_factory) -> tuple[Path, list[str]]:
     """The shipped tiny model converted once, with split_einsum attention (the default; `original` is
     diffusers' own attention, converted in the macOS tests), and the progress lines."""
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     lines: list[str] = []
     out = convert("tiny", tmp_path_factory.mktemp("coreml") / "tiny", "split_einsum", progress=lines.append)
@@ -89,7 +90,7 @@ def test_a_converted_folder_opens_with_the_diffusers_models_facts(converted) -> 
     assert isinstance(model, CoreMLFolder) and model.runtime == "coreml"
     for fact in ("vae_scale_factor", "latent_channels", "default_shape", "scaling_factor", "scheduler_config"):
         assert getattr(model, fact) == getattr(original, fact), fact
-    from diffusiond.daemon.tokenizer import Tokenizer
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
 
     prompt = "a lighthouse at dusk, oil painting"
     assert (Tokenizer(model.tokenizer_dir).encode(prompt).ids == Tokenizer(original.tokenizer_dir).encode(prompt).ids).all()
@@ -99,7 +100,7 @@ def test_a_portrait_conversion_takes_and_asks_for_its_own_size(converted, tmp_pa
     """Non-square: the Unet and VAE decoder converted again at 192x256 (width x height) into a copy."""
     import shutil
 
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     folder = tmp_path / "portrait"
     shutil.copytree(converted[0], folder)
@@ -183,7 +184,7 @@ def test_chunked_unets_chain_chunk_ones_outputs_into_chunk_two() -> None:
 
 
 def test_palettized_weights_are_6_bit_lookup_tables(converted, tmp_path) -> None:
-    from diffusiond.daemon.converter import convert
+    from diffusiond.daemon.coreml.converter import convert
 
     def lookups(folder: Path) -> int:
         return mil_ops(next(folder.glob("*_text_encoder.mlpackage"))).count("constexpr_lut_to_dense")
@@ -213,7 +214,7 @@ def test_split_einsum_attention_computes_what_diffusers_does() -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from diffusiond.daemon import split_einsum
+    from diffusiond.daemon.coreml import split_einsum
 
     unet = UNet2DConditionModel.from_pretrained(TINY / "unet").eval()
     generator = torch.Generator().manual_seed(0)
@@ -278,8 +279,8 @@ def test_the_stored_bench_winner_overrides_the_rule(tmp_path) -> None:
 
 
 def test_the_bench_times_each_option_and_prints_a_pasteable_table(tiny, runtime) -> None:
-    from diffusiond.daemon.bench import measure, table
-    from diffusiond.daemon.pipeline import Pipeline
+    from diffusiond.daemon.coreml.compute_bench import measure, table
+    from diffusiond.daemon.engine.pipeline import Pipeline
 
     opened: list[str] = []
 
@@ -301,7 +302,7 @@ def test_the_bench_times_each_option_and_prints_a_pasteable_table(tiny, runtime)
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="off a Mac the runtime refuses; on one it loads")
 def test_off_a_mac_a_core_ml_model_is_refused_saying_why(converted, tmp_path) -> None:
-    from diffusiond.daemon.runtimes import open_runtime
+    from diffusiond.daemon.engine.runtimes import open_runtime
 
     with pytest.raises(ModelInvalid, match="macOS only"):
         open_runtime(ModelFolder.open(str(converted[0])), "torch", "cpu", "auto", False, tmp_path)
@@ -319,9 +320,9 @@ TOLERANCE = 8
 @pytest.mark.parametrize("attention", ["split_einsum", "original"])
 @pytest.mark.parametrize("units", ["cpuOnly", "cpuAndGPU", "cpuAndNeuralEngine"])
 def test_the_converted_tiny_model_draws_the_torch_runtimes_image(attention, units, tiny, runtime, tmp_path_factory) -> None:
-    from diffusiond.daemon.converter import convert
-    from diffusiond.daemon.pipeline import Pipeline
-    from diffusiond.daemon.runtimes.coreml_runtime import CoreMLRuntime
+    from diffusiond.daemon.coreml.converter import convert
+    from diffusiond.daemon.engine.pipeline import Pipeline
+    from diffusiond.daemon.engine.runtimes.coreml_runtime import CoreMLRuntime
 
     out = tmp_path_factory.getbasetemp() / f"tiny-{attention}"
     if not out.exists():
@@ -338,7 +339,7 @@ def test_the_converted_tiny_model_draws_the_torch_runtimes_image(attention, unit
 @needs_a_mac
 def test_a_bench_run_completes_and_auto_uses_its_winner(converted, tmp_path, capsys) -> None:
     from diffusiond.daemon.cli import main
-    from diffusiond.daemon.hardware import this_machine
+    from diffusiond.daemon.coreml.hardware import this_machine
 
     config = tmp_path / "config.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
@@ -365,12 +366,12 @@ def test_hub_repos_convert_and_core_ml_repos_open(converted, tmp_path) -> None:
     for file in ("vocab.json", "merges.txt"):
         shutil.copyfile(converted[0] / file, repo / file)
     script = (
-        "from diffusiond.daemon import store\n"
-        "from diffusiond.daemon.model import ModelFolder\n"
+        "from diffusiond.daemon.models import store\n"
+        "from diffusiond.daemon.models.diffusers_folder import ModelFolder\n"
         "store.pull('someone/coreml-tiny', False, lambda progress: None, compute_units='cpuAndGPU')\n"
         "m = ModelFolder.open('someone/coreml-tiny')\n"
         "print(type(m).__name__, *m.default_shape, m.latent_channels, m.scaling_factor, sorted(m.parts), m.tokenizer_dir.name)\n"
-        "from diffusiond.daemon.converter import convert\n"
+        "from diffusiond.daemon.coreml.converter import convert\n"
         f"convert('someone/tiny', __import__('pathlib').Path({str(tmp_path / 'out')!r}), parts=('TextEncoder',))\n"
     )
     with FakeHub({"someone/coreml-tiny": repo, "someone/tiny": TINY}) as hub:
@@ -388,7 +389,7 @@ def test_the_safety_checker_converts_with_the_contract_and_flags_as_diffusers_do
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from diffusiond.daemon.converter import _SafetyChecker, convert
+    from diffusiond.daemon.coreml.converter import _SafetyChecker, convert
 
     out = convert(str(tiny_with_safety_checker), tmp_path, progress=lambda _: None, parts=("SafetyChecker",))
     ports = spec_ports(next(out.glob("*_safety_checker.mlpackage")))
@@ -415,9 +416,9 @@ def test_the_safety_checker_converts_with_the_contract_and_flags_as_diffusers_do
 
 @needs_a_mac
 def test_a_converted_safety_checker_blacks_out_a_flagged_image(tiny_with_safety_checker, tmp_path) -> None:
-    from diffusiond.daemon.converter import convert
-    from diffusiond.daemon.pipeline import Pipeline
-    from diffusiond.daemon.runtimes.coreml_runtime import CoreMLRuntime
+    from diffusiond.daemon.coreml.converter import convert
+    from diffusiond.daemon.engine.pipeline import Pipeline
+    from diffusiond.daemon.engine.runtimes.coreml_runtime import CoreMLRuntime
 
     model = ModelFolder.open(str(convert(str(tiny_with_safety_checker), tmp_path, "original", progress=lambda _: None)))
     result = Pipeline(model, CoreMLRuntime(model, "cpuOnly", with_safety_checker=True)).generate(Request("x", steps=2, seed=1))

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusiond.daemon import catalog, coreml_layout
-from diffusiond.daemon.coreml_model import CoreMLFolder
+from diffusiond.daemon.coreml.hardware import parse_sysctl
+from diffusiond.daemon.engine.pipeline import Request, resolve
 from diffusiond.daemon.errors import ModelInvalid
-from diffusiond.daemon.hardware import parse_sysctl
-from diffusiond.daemon.pipeline import Request, resolve
+from diffusiond.daemon.models import catalog, coreml_layout
+from diffusiond.daemon.models.coreml_folder import CoreMLFolder
 
 from .daemon_process import Daemon
 from .fake_hub import FakeHub, coreml_listing, published_coreml_repo
@@ -76,7 +76,7 @@ def test_a_folder_with_a_unet_and_its_chunks_loads_only_the_chunks(tmp_path, mon
     monkeypatch.syspath_prepend(str(FIXTURES / "coreml_stand_in"))
     import coreml_stand_in
 
-    from diffusiond.daemon.runtimes import coreml_runtime
+    from diffusiond.daemon.engine.runtimes import coreml_runtime
 
     folder = unpacked("pcuenq/coreml-stable-diffusion-2-base",
                       "coreml-stable-diffusion-2-base_split_einsum_compiled.zip", tmp_path)
@@ -114,7 +114,7 @@ def test_sdxl_sd3_and_controlnet_folders_are_refused_at_open_naming_why(network,
 
 
 def test_palettized_models_are_refused_below_macos_14_naming_the_float16_variant(tmp_path) -> None:
-    from diffusiond.daemon.runtimes import refuse_palettized
+    from diffusiond.daemon.engine.runtimes import refuse_palettized
 
     m1 = {"machdep.cpu.brand_string": "Apple M1", "hw.perflevel0.physicalcpu": "4", "hw.perflevel1.physicalcpu": "4",
           "hw.memsize": str(8 * 1024**3), "hw.optional.arm64": "1"}
@@ -145,7 +145,7 @@ def in_process_hub(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_pull_needs_room_for_the_archive_and_its_copy_and_then_drops_the_archive(keep, tmp_path, monkeypatch) -> None:
     """In-process, so the disk can be made small (as in test_models)."""
-    from diffusiond.daemon import store
+    from diffusiond.daemon.models import store
 
     repo_id = "pcuenq/coreml-stable-diffusion-2-base"
     repo = published_coreml_repo(repo_id, tmp_path / "repo")
@@ -220,10 +220,10 @@ MEAN_TOLERANCE = 6
 
 @pytest.mark.skipif(not (ON_A_MAC and REAL), reason="needs Core ML and the real Hub: macos.yml sets DIFFUSIOND_REAL_COREML")
 def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> None:
-    from diffusiond.daemon import store
-    from diffusiond.daemon.model import ModelFolder
-    from diffusiond.daemon.pipeline import Pipeline
-    from diffusiond.daemon.runtimes import open_runtime
+    from diffusiond.daemon.engine.pipeline import Pipeline
+    from diffusiond.daemon.engine.runtimes import open_runtime
+    from diffusiond.daemon.models import store
+    from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
     original = REAL.removesuffix("-coreml")  # sd15-coreml → sd15: the catalog's diffusers-format repo
     assert catalog.lookup(original) and catalog.lookup(original).runtime == "torch"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffusiond.daemon.png import read_parameters
+from diffusiond.daemon.engine.png import read_parameters
 
 from .daemon_process import Daemon
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from diffusiond.clients.infotext import parse_infotext
 from diffusiond.clients.protocol import MAX_MESSAGE_BYTES
-from diffusiond.daemon.png import read_parameters
+from diffusiond.daemon.engine.png import read_parameters
 
 from .daemon_process import Daemon
 

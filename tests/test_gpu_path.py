@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusiond.daemon import linear_steps, schedulers
+from diffusiond.daemon.engine import linear_steps, schedulers
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime, TorchSettings
 from diffusiond.daemon.errors import Cancelled
-from diffusiond.daemon.pipeline import Pipeline, Request
-from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime, TorchSettings
 
 LINEAR = ("pndm", "dpmpp_2m", "dpmpp_2m_karras", "euler", "ddim")
 SD15 = {"clip_sample": False}  # SD 1.5's config states it; the tiny model's leaves DDIM's default (True)

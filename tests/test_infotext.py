@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from diffusiond.clients.infotext import Infotext, format_infotext, job_settings, parse_infotext
-from diffusiond.daemon.pipeline import Request
-from diffusiond.daemon.png import encode_png, infotext, read_parameters, save_result, write_atomic
+from diffusiond.daemon.engine.pipeline import Request
+from diffusiond.daemon.engine.png import encode_png, infotext, read_parameters, save_result, write_atomic
 
 
 def test_round_trip_through_a_png(tmp_path, tiny) -> None:
@@ -28,7 +28,7 @@ def test_round_trip_through_a_png(tmp_path, tiny) -> None:
 
 
 def test_batches_record_the_position_and_truncation_is_recorded(tmp_path) -> None:
-    from diffusiond.daemon.pipeline import Result
+    from diffusiond.daemon.engine.pipeline import Result
 
     request = Request("p", steps=2, width=64, height=64, seed=1, count=2)
     images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from diffusiond.daemon import coreml_layout
 from diffusiond.daemon.errors import ModelNotDownloaded
-from diffusiond.daemon.model import TINY, ModelFolder
+from diffusiond.daemon.models import coreml_layout
+from diffusiond.daemon.models.catalog import TINY
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 from .fake_hub import FakeHub
 
@@ -201,8 +202,8 @@ def test_a_model_that_does_not_fit_is_refused_before_downloading(hub, tmp_path, 
     so the constants it reads are pointed at the fake Hub here."""
     from huggingface_hub import constants
 
-    from diffusiond.daemon import store
-    from diffusiond.daemon.store import InsufficientDisk
+    from diffusiond.daemon.models import store
+    from diffusiond.daemon.models.store import InsufficientDisk
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")

@@ -8,11 +8,11 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from diffusiond.daemon import schedulers
+from diffusiond.daemon.engine import schedulers
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
 from diffusiond.daemon.errors import Cancelled, InvalidParameter
-from diffusiond.daemon.model import ModelFolder
-from diffusiond.daemon.pipeline import Pipeline, Request
-from diffusiond.daemon.runtimes.torch_runtime import TorchRuntime
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 PROMPT = "a lighthouse at dusk, oil painting"
 NEGATIVE = "blurry"

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import zmq.auth
 
-from diffusiond.daemon.png import read_parameters
-from diffusiond.daemon.queue import JobQueue
+from diffusiond.daemon.engine.png import read_parameters
+from diffusiond.daemon.service.queue import JobQueue
 
 from .daemon_process import Daemon, free_port
 from .test_remote import keys

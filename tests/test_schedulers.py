@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from diffusiond.clients.infotext import job_settings, parse_infotext
-from diffusiond.daemon import schedulers
-from diffusiond.daemon.pipeline import Request
-from diffusiond.daemon.png import infotext
+from diffusiond.daemon.engine import schedulers
+from diffusiond.daemon.engine.pipeline import Request
+from diffusiond.daemon.engine.png import infotext
 
 # Model configs as they ship (SD 1.5: PNDM; SD 2.1 768: DDIM with v-prediction) and other schedules.
 CONFIGS = {
@@ -451,8 +451,8 @@ def test_swift_flavours_run_text_and_image_jobs_and_trace_for_the_device_loop(na
     step, x₀, is linear too), and both kinds of job run through the pipeline."""
     from PIL import Image
 
-    from diffusiond.daemon import linear_steps
-    from diffusiond.daemon.pipeline import Pipeline
+    from diffusiond.daemon.engine import linear_steps
+    from diffusiond.daemon.engine.pipeline import Pipeline
 
     for begin in (0, 3):
         scheduler = schedulers.create(name, tiny.scheduler_config)
@@ -479,9 +479,10 @@ def test_refusals_reach_the_job_as_invalid_parameter_at_submit(tmp_path, changes
     import json
     import shutil
 
+    from diffusiond.daemon.engine.pipeline import resolve
     from diffusiond.daemon.errors import InvalidParameter
-    from diffusiond.daemon.model import TINY, ModelFolder
-    from diffusiond.daemon.pipeline import resolve
+    from diffusiond.daemon.models.catalog import TINY
+    from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
     folder = shutil.copytree(TINY, tmp_path / "model")
     config_file = folder / "scheduler" / "scheduler_config.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusiond.daemon import service
+from diffusiond.daemon.service import login_service
 
 
 @pytest.fixture
@@ -41,9 +41,9 @@ def test_launch_agents_hold_every_key_with_absolute_existing_paths(home, monkeyp
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     prompts = home / "Prompts"
     prompts.mkdir()
-    for agent in map(service.launch_agent, service.services(home / "config.toml", prompts)):
+    for agent in map(login_service.launch_agent, login_service.services(home / "config.toml", prompts)):
         loaded = plistlib.loads(plistlib.dumps(agent))
-        assert loaded["Label"] in service.LABELS.values()
+        assert loaded["Label"] in login_service.LABELS.values()
         program = Path(loaded["ProgramArguments"][0])
         assert program.is_absolute() and program.exists() and program == Path(sys.executable)
         assert loaded["RunAtLoad"] is True
@@ -54,16 +54,16 @@ def test_launch_agents_hold_every_key_with_absolute_existing_paths(home, monkeyp
         assert Path(loaded["WorkingDirectory"]).is_dir()
         assert loaded["EnvironmentVariables"]["PATH"] == os.environ["PATH"]
         assert loaded["EnvironmentVariables"]["HF_HOME"] == str(home / "hf")
-    daemon, hot = service.services(home / "config.toml", prompts)
+    daemon, hot = login_service.services(home / "config.toml", prompts)
     assert daemon.arguments[1:] == ["-m", "diffusiond.daemon.cli", "serve", "--config", str(home / "config.toml")]
     assert hot.arguments[-1] == str(prompts)
 
 
 def test_install_reinstall_and_uninstall_with_launchctl(home, recorder) -> None:
-    wanted = service.services(None, home)
+    wanted = login_service.services(None, home)
     uid = os.getuid()
-    service.install(wanted, "launchd")
-    service.install(wanted, "launchd")  # a reinstall boots out first
+    login_service.install(wanted, "launchd")
+    login_service.install(wanted, "launchd")  # a reinstall boots out first
     plist = home / "Library/LaunchAgents/org.diffusiond.daemon.plist"
     assert plistlib.loads(plist.read_bytes())["Label"] == "org.diffusiond.daemon"
     assert (home / "Library/Logs/diffusiond").is_dir()
@@ -75,7 +75,7 @@ def test_install_reinstall_and_uninstall_with_launchctl(home, recorder) -> None:
     ]
     assert recorder.read_text().splitlines() == once * 2
     recorder.unlink()
-    removed = service.uninstall("launchd")
+    removed = login_service.uninstall("launchd")
     assert not plist.exists() and len(removed) == 2
     assert recorder.read_text().splitlines() == [
         f"launchctl bootout gui/{uid}/org.diffusiond.hotfolder", f"launchctl bootout gui/{uid}/org.diffusiond.worker",
@@ -83,7 +83,7 @@ def test_install_reinstall_and_uninstall_with_launchctl(home, recorder) -> None:
 
 
 def test_install_and_uninstall_with_systemctl(home, recorder) -> None:
-    service.install(service.services(None, home), "systemd")
+    login_service.install(login_service.services(None, home), "systemd")
     units = home / ".config/systemd/user"
     assert sorted(p.name for p in units.iterdir()) == ["diffusiond-hotfolder.service", "diffusiond.service"]
     assert recorder.read_text().splitlines() == [
@@ -92,7 +92,7 @@ def test_install_and_uninstall_with_systemctl(home, recorder) -> None:
         "systemctl --user enable diffusiond-hotfolder.service", "systemctl --user restart diffusiond-hotfolder.service",
     ]
     recorder.unlink()
-    service.uninstall("systemd")
+    login_service.uninstall("systemd")
     assert list(units.iterdir()) == []
     assert recorder.read_text().splitlines() == [
         "systemctl --user disable --now diffusiond-hotfolder.service",
@@ -115,11 +115,11 @@ def test_units_pass_systemd_analyze_verify(tmp_path) -> None:
     folder = tmp_path / "units"
     folder.mkdir()
     paths = []
-    worker = service.worker_service("tcp://studio.local:5570", tmp_path / "server.key", tmp_path / "gpu.key_secret",
+    worker = login_service.worker_service("tcp://studio.local:5570", tmp_path / "server.key", tmp_path / "gpu.key_secret",
                                     "gpu box", None)
-    for unit in [*service.services(tmp_path / "config.toml", tmp_path), worker]:
-        path = folder / service.UNITS[unit.name]
-        path.write_text(service.systemd_unit(unit))
+    for unit in [*login_service.services(tmp_path / "config.toml", tmp_path), worker]:
+        path = folder / login_service.UNITS[unit.name]
+        path.write_text(login_service.systemd_unit(unit))
         paths.append(str(path))
     # The system manager's verify: the --user one needs a running user manager, which this
     # machine lacks. It checks the syntax and that ExecStart is executable; warnings count as failures.
@@ -130,7 +130,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path) -> None:
 
 
 def test_quoting_keeps_odd_paths_whole() -> None:
-    unit = service.systemd_unit(service.Service(service.HOTFOLDER, ["/usr/bin/python3", "/Users/a b/50% done"]))
+    unit = login_service.systemd_unit(login_service.Service(login_service.HOTFOLDER, ["/usr/bin/python3", "/Users/a b/50% done"]))
     assert 'ExecStart=/usr/bin/python3 "/Users/a b/50%% done"' in unit
 
 
@@ -157,13 +157,13 @@ def test_real_launchd_bootstrap_and_bootout(tmp_path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'runtime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\noutput_dir = "{tmp_path}/out"\n')
     try:
-        paths = service.install(service.services(config, None), "launchd")
+        paths = login_service.install(login_service.services(config, None), "launchd")
         subprocess.run(["plutil", "-lint", *map(str, paths)], check=True)
-        rows = {row["service"]: row for row in service.status("launchd")}
+        rows = {row["service"]: row for row in login_service.status("launchd")}
         assert rows["org.diffusiond.daemon"]["loaded"] == "True"
     finally:
-        service.uninstall("launchd")
-    rows = {row["service"]: row for row in service.status("launchd")}
+        login_service.uninstall("launchd")
+    rows = {row["service"]: row for row in login_service.status("launchd")}
     assert rows["org.diffusiond.daemon"]["loaded"] == "False"
 
 
@@ -187,4 +187,4 @@ def test_a_worker_machine_installs_a_worker_instead_of_a_daemon(home, recorder) 
                                       "--server-key", str(keys["server.key"]), "--worker-key",
                                       str(keys["gpu.key_secret"]), "--name", "gpu"]
     assert "systemctl --user restart diffusiond-worker.service" in recorder.read_text()
-    assert [row["service"] for row in service.status("systemd")][-1] == "diffusiond-worker.service"
+    assert [row["service"] for row in login_service.status("systemd")][-1] == "diffusiond-worker.service"

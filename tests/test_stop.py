@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from diffusiond.daemon.sockets import lock_held
+from diffusiond.daemon.service.sockets import lock_held
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's CPU time from /proc")
 

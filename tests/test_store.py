@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from diffusiond.daemon import store
 from diffusiond.daemon.errors import ModelNotDownloaded
-from diffusiond.daemon.model import TINY, ModelFolder
+from diffusiond.daemon.models import store
+from diffusiond.daemon.models.catalog import TINY
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 from .fake_hub import FakeHub
 

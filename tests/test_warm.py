@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from diffusiond.daemon.model import TINY
+from diffusiond.daemon.models.catalog import TINY
 
 from .daemon_process import Daemon
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ...model import ModelFolder
-from ...pipeline import Pipeline, Request
-from ...runtimes.torch_runtime import TorchRuntime
+from ...engine.pipeline import Pipeline, Request
+from ...engine.runtimes.torch_runtime import TorchRuntime
+from ..diffusers_folder import ModelFolder
 from . import judge, scene
 from .train import OUT
 

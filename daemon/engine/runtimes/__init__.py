@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..errors import ModelInvalid
+from ...errors import ModelInvalid
 
 if TYPE_CHECKING:
-    from ..coreml_model import CoreMLFolder
-    from ..hardware import Machine
-    from ..model import ModelFolder
+    from ...coreml.hardware import Machine
+    from ...models.coreml_folder import CoreMLFolder
+    from ...models.diffusers_folder import ModelFolder
 
 
 class Runtime(Protocol):
@@ -47,11 +47,11 @@ def open_runtime(
     """The runtime a model needs: Core ML models on coreml (with `auto` compute units resolved from
     the bench store in `state_dir`, else the rule), diffusers-format ones on torch (`torch_options`
     go to TorchRuntime). The config's `runtime` only refuses a mismatch, saying what to do."""
-    from ..coreml_model import CoreMLFolder
+    from ...models.coreml_folder import CoreMLFolder
 
     if isinstance(model, CoreMLFolder):
-        from ..compute_units import choose
-        from ..hardware import this_machine
+        from ...coreml.compute_units import choose
+        from ...coreml.hardware import this_machine
         from .coreml_runtime import CoreMLRuntime
 
         machine = this_machine()
@@ -68,7 +68,7 @@ def open_runtime(
 def refuse_palettized(name: str, palettized: bool, machine: Machine) -> None:
     """A palettized model on a Mac that cannot run it, refused with the reason and what to use
     instead (the catalog's float16 variant) before anything is downloaded or loaded."""
-    from .. import catalog
+    from ...models import catalog
 
     if palettized and not machine.runs_palettized:
         instead = catalog.float16_variant(name)

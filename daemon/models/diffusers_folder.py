@@ -13,11 +13,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .coreml_model import CoreMLFolder, is_coreml_folder
-from .errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
+from ..errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
+from . import catalog, store
+from .catalog import ALIASES
+from .coreml_folder import CoreMLFolder, is_coreml_folder
 
-TINY = Path(__file__).resolve().parent / "models" / "tiny"
-ALIASES = {"tiny": TINY}
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -32,8 +32,6 @@ class ModelFolder:
     def open(cls, name: str) -> ModelFolder | CoreMLFolder:
         """A model by alias, local folder, or Hub id (`org/name[@revision]`) already in the HF cache;
         a folder of Core ML models in Apple's layout opens as a CoreMLFolder."""
-        from . import catalog, store
-
         path = ALIASES.get(name, Path(name).expanduser())
         repo = catalog.repo_for(name)
         if store.is_hub_id(repo):

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..coreml_model import CoreMLFolder, Description
-from ..errors import InvalidParameter, ModelInvalid
+from ...errors import InvalidParameter, ModelInvalid
+from ...models.coreml_folder import CoreMLFolder, Description
 
 COMPUTE_UNITS = {"cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL", "cpuOnly": "CPU_ONLY"}
 Feed = dict[str, np.ndarray]

@@ -22,10 +22,10 @@ import zmq
 import zmq.auth
 from diffusiond.clients.protocol import Code, pack, unpack
 
-from .config import Config
-from .dispatch import HEARTBEAT, MAX_RESULT_BYTES, WORKER_PROTOCOL
-from .errors import Cancelled, EngineError
-from .png import encode_result
+from ..config import Config
+from ..engine.png import encode_result
+from ..errors import Cancelled, EngineError
+from .remote_dispatch import HEARTBEAT, MAX_RESULT_BYTES, WORKER_PROTOCOL
 from .warm import WarmModels
 from .worker import job_request, progress_reporter, summary
 

@@ -1,6 +1,6 @@
 """The daemon's side of remote workers: who is connected, which job each runs, heartbeats both ways.
 
-A remote worker (`diffusiond worker --connect`, daemon/remote_worker.py) is a DEALER on the
+A remote worker (`diffusiond worker --connect`, daemon/service/remote_worker.py) is a DEALER on the
 daemon's worker port (TCP port + 2, CurveZMQ, keys in allowed_workers/). They talk in msgpack
 maps with an `op` (docs/protocol.md, "Remote workers"):
 
@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 from diffusiond.clients.protocol import DAEMON_TOPIC, Code, ProtocolError, pack, unpack
 
-from .png import write_job_outputs
+from ..engine.png import write_job_outputs
 from .queue import JobQueue
 
 log = logging.getLogger("diffusiond.dispatch")

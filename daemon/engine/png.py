@@ -13,9 +13,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from diffusiond.clients.infotext import Infotext, format_infotext
 
+from ..outputs import numbered
 from . import schedulers
 from .pipeline import Request, Result
-from .queue import numbered
 
 VERSION = "diffusiond 0.1.0"
 

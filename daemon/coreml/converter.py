@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .coreml_model import FACTS_FILE, PART_SUFFIXES, PARTS, describe
-from .errors import ConversionFailed, EngineError
+from ..errors import ConversionFailed, EngineError
+from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, describe
 
 ATTENTIONS = ("original", "split_einsum")
 # Apple's torch2coreml.py --quantize-nbits palettizes the text encoders and the Unets only, the
@@ -245,9 +245,9 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from . import store
-    from .catalog import repo_for
-    from .model import ALIASES
+    from ..models import store
+    from ..models.catalog import ALIASES
+    from ..models.catalog import repo_for
 
     folder = ALIASES.get(source, Path(source).expanduser())
     repo = repo_for(source)

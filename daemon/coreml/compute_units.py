@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .coreml_layout import COMPUTE_UNITS, auto_compute_units
+from ..models.coreml_layout import COMPUTE_UNITS, auto_compute_units
 from .hardware import Machine
 
 CHOICES = tuple(units for units in COMPUTE_UNITS if units != "auto")

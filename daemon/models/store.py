@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import Cancelled, EngineError, ModelNotFound
 from . import coreml_layout
-from .errors import Cancelled, EngineError, ModelNotFound
-from .model import ALIASES
+from .catalog import ALIASES
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 _SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json")

@@ -2,7 +2,7 @@
 
 On CUDA it keeps what a warm daemon can afford (docs/gpu.md): half precision, channels_last, the
 UNet and VAE decoder compiled once per shape, and the whole denoising loop on the device — the
-scheduler as a coefficient table traced by the pipeline (daemon/linear_steps.py), guidance in the
+scheduler as a coefficient table traced by the pipeline (daemon/engine/linear_steps.py), guidance in the
 same batch, each step one CUDA graph replay — with no host sync inside the loop.
 """
 
@@ -22,11 +22,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..errors import ModelInvalid
+from ...errors import ModelInvalid
 from ..linear_steps import LinearPlan
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ...config import Config
 
 log = logging.getLogger("diffusiond.torch")
 _Network = TypeVar("_Network")

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..engine.pipeline import Pipeline, Request
 from .hardware import Machine
-from .pipeline import Pipeline, Request
 
 
 @dataclass(frozen=True)

@@ -17,27 +17,16 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from ..config import MIN_SIZE, Limits
+from ..errors import Cancelled, InvalidParameter
+from ..models.coreml_folder import CoreMLFolder
+from ..models.diffusers_folder import ModelFolder
 from . import linear_steps, schedulers
-from .errors import Cancelled, InvalidParameter
-from .coreml_model import CoreMLFolder
-from .model import ModelFolder
 from .noise import RNGS, noise_source
 from .runtimes import Runtime
 from .tokenizer import Tokenizer
 
 MAX_SEED = 2**32 - 1
-MIN_SIZE = 64
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (docs/engine.md); the daemon's config may lower them."""
-
-    prompt_chars: int = 4000
-    steps: int = 150
-    size: int = 2048
-    count: int = 16
-    guidance: float = 50.0
 
 
 StepCallback = Callable[[int, int, np.ndarray], None]

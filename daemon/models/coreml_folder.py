@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelInvalid
+from ..errors import ModelInvalid
 
 FACTS_FILE = "diffusiond.json"
 PARTS = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")  # what `diffusiond convert` makes

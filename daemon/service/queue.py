@@ -21,6 +21,8 @@ from typing import Any
 
 from diffusiond.clients.protocol import FINISHED, STATES, Code, ProtocolError
 
+from ..outputs import numbered
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -48,11 +50,6 @@ CREATE INDEX IF NOT EXISTS jobs_next ON jobs (state, priority DESC, position);
 CREATE INDEX IF NOT EXISTS jobs_position ON jobs (position);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-def numbered(first_path: Path, index: int) -> Path:
-    """Image `index` of a job beside its first: NAME.png, NAME-2.png, …"""
-    return first_path if index == 0 else first_path.with_name(f"{first_path.stem}-{index + 1}{first_path.suffix}")
 
 
 @dataclass

@@ -16,10 +16,10 @@ import zmq
 
 from diffusiond.clients.protocol import pack
 
-from . import catalog, store
-from .errors import Cancelled, EngineError
-from .hardware import this_machine
-from .runtimes import refuse_palettized, torch_uses_gpu
+from ..coreml.hardware import this_machine
+from ..engine.runtimes import refuse_palettized, torch_uses_gpu
+from ..errors import Cancelled, EngineError
+from ..models import catalog, store
 from .worker import WORKER_EVENTS
 
 log = logging.getLogger("diffusiond.downloader")

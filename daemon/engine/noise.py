@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidParameter
+from ..errors import InvalidParameter
 from .schedulers import Noise
 
 RNGS = ("numpy", "torch")

@@ -34,19 +34,21 @@ from diffusiond.clients.protocol import (
 )
 from PIL import Image
 
-from . import catalog, schedulers, store
-from .coreml_layout import COMPUTE_UNITS
+from ..config import Config
+from ..coreml.compute_units import choose
+from ..coreml.hardware import this_machine
+from ..engine import schedulers
+from ..engine.pipeline import Request, resolve
+from ..errors import EngineError, ModelNotDownloaded
+from ..models import catalog, store
+from ..models.catalog import ALIASES
+from ..models.coreml_layout import COMPUTE_UNITS
+from ..models.diffusers_folder import ModelFolder
 from .downloader import Downloader
-from .compute_units import choose
-from .hardware import this_machine
-from .config import Config
-from .dispatch import MAX_RESULT_BYTES, RemoteWorkers
-from .errors import EngineError, ModelNotDownloaded
-from .model import ALIASES, ModelFolder
 from .notify import notify
-from .pipeline import Request, resolve
 from .queue import JobQueue
 from .remote import bind_tcp
+from .remote_dispatch import MAX_RESULT_BYTES, RemoteWorkers
 from .sockets import bind, hold_lock, secure_runtime_dir
 from .worker import WORKER_EVENTS, Worker
 

@@ -1,11 +1,16 @@
 """Named models: what Diffusers for Mac offers, as Core ML repos and as diffusers-format repos.
 
-An alias is a short name for a Hub repo; `diffuse models` lists them beside the local models.
+An alias is a short name for a Hub repo, or for a model shipped in the package (the tiny one,
+in the folder beside this module); `diffuse models` lists them beside the local models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+TINY = Path(__file__).resolve().parent / "tiny"
+ALIASES = {"tiny": TINY}
 
 
 @dataclass(frozen=True)

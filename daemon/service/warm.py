@@ -12,11 +12,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from . import catalog, store
-from .config import Config
-from .errors import ModelNotDownloaded
-from .model import ModelFolder
-from .pipeline import Pipeline
+from ..config import Config
+from ..engine.pipeline import Pipeline
+from ..errors import ModelNotDownloaded
+from ..models import catalog, store
+from ..models.diffusers_folder import ModelFolder
 
 log = logging.getLogger("diffusiond.warm")
 Emit = Callable[[bytes, dict[str, Any]], None]
@@ -56,9 +56,9 @@ class WarmModels:
             self.loading = None
 
     def _load(self, name: str, cancelled: Callable[[], bool]) -> None:
-        from .compute_units import choose
-        from .hardware import this_machine
-        from .runtimes import open_runtime, refuse_palettized, torch_uses_gpu
+        from ..coreml.compute_units import choose
+        from ..coreml.hardware import this_machine
+        from ..engine.runtimes import open_runtime, refuse_palettized, torch_uses_gpu
 
         topic = f"model.{name}".encode()
         try:
@@ -81,7 +81,7 @@ class WarmModels:
         started = time.monotonic()
         options = {}
         if model.runtime == "torch":  # a Mac running Core ML models only may have no torch
-            from .runtimes.torch_runtime import TorchSettings
+            from ..engine.runtimes.torch_runtime import TorchSettings
 
             options["settings"] = TorchSettings.from_config(self.config)
         runtime = open_runtime(model, self.config.runtime, self.config.device, self.config.compute_units,

@@ -17,12 +17,12 @@ import zmq
 from diffusiond.clients.protocol import Code, pack
 from PIL import Image
 
-from .config import Config
-from .errors import Cancelled, EngineError
+from ..config import Config
+from ..engine.pipeline import Request, Result
+from ..engine.png import encode_result, write_job_outputs
+from ..engine.preview import preview_jpeg
+from ..errors import Cancelled, EngineError
 from .notify import notify
-from .pipeline import Request, Result
-from .png import encode_result, write_job_outputs
-from .preview import preview_jpeg
 from .queue import Job, JobQueue
 from .warm import Emit, WarmModels
 
