@@ -42,6 +42,41 @@ class Code:
     INTERNAL = "internal_error"
 
 
+class Event:
+    """Event types, by topic (docs/protocol.md, Events): subscribers branch on these."""
+
+    # job.ID
+    JOB_QUEUED = "job.queued"
+    JOB_STARTED = "job.started"
+    JOB_PROGRESS = "job.progress"
+    JOB_DONE = "job.done"
+    JOB_FAILED = "job.failed"
+    JOB_CANCELLED = "job.cancelled"
+    JOB_REQUEUED = "job.requeued"
+    JOB_RESYNC = "job.resync"  # made by Client.events where events were lost, never published
+    # preview.ID
+    JOB_PREVIEW = "job.preview"
+    # model.NAME
+    MODEL_DOWNLOADING = "model.downloading"
+    MODEL_DOWNLOAD = "model.download"
+    MODEL_DOWNLOADED = "model.downloaded"
+    MODEL_DOWNLOAD_FAILED = "model.download_failed"
+    MODEL_LOADING = "model.loading"
+    MODEL_COMPILING = "model.compiling"
+    MODEL_COMPILED = "model.compiled"
+    MODEL_LOADED = "model.loaded"
+    MODEL_UNLOADED = "model.unloaded"
+    # daemon
+    DAEMON_READY = "daemon.ready"
+    DAEMON_PAUSED = "daemon.paused"
+    DAEMON_RESUMED = "daemon.resumed"
+    DAEMON_PING = "daemon.ping"
+    DAEMON_STOPPING = "daemon.stopping"
+    DAEMON_WORKER_FAILED = "daemon.worker_failed"
+    WORKER_JOINED = "worker.joined"
+    WORKER_LOST = "worker.lost"
+
+
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
