@@ -19,7 +19,6 @@ back to the host loop.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +49,7 @@ def _no_noise(shape: tuple[int, ...]) -> np.ndarray:
     raise _DrawsNoise
 
 
-def trace(scheduler: Scheduler, timesteps: Sequence[float]) -> LinearPlan | None:
+def trace(scheduler: Scheduler, timesteps: np.ndarray) -> LinearPlan | None:
     """The plan of a scheduler whose ``set_timesteps`` (and img2img's ``set_begin_index``) has run;
     None when it draws noise or is not linear. The scheduler itself is left untouched."""
     n = len(timesteps)

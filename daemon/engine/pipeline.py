@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 from PIL import Image
@@ -23,17 +24,19 @@ from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
-from .runtimes import Runtime
+from .runtimes import Runtime, StepCallback
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
 
 MAX_SEED = 2**32 - 1
 
 
-StepCallback = Callable[[int, int, np.ndarray], None]
-
-
 @dataclass(frozen=True)
 class Request:
+    """What a client asks for; :func:`resolve` checks it and fills in what it leaves to the model."""
+
     prompt: str
     negative_prompt: str = ""
     steps: int = 25
@@ -49,10 +52,30 @@ class Request:
     safety_checker: bool = True
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A request checked against its model with every default filled in (size, seed): what a run
+    uses and a result records, so nothing downstream handles a missing size or seed."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    count: int
+    seed: int
+    scheduler: str
+    rng: str
+    init_image: Image.Image | None
+    strength: float
+    safety_checker: bool
+
+
 @dataclass
 class Result:
     images: list[np.ndarray]  # (H, W, 3) uint8 each
-    request: Request  # with every default resolved: size, seed
+    request: Resolved
     flagged: list[bool]  # blacked out by the safety checker
     dropped_prompt: str  # the prompt's tail beyond the text encoder's 77 tokens
     timings: dict[str, float] = field(default_factory=dict)
@@ -71,11 +94,18 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = Limits()) -> Request:
+@overload
+def resolve(request: Request, model: ModelFolder | CoreMLFolder, limits: Limits = ...) -> Resolved: ...
+@overload
+def resolve(request: Request, model: None, limits: Limits = ...) -> Request: ...
+@overload
+def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = ...) -> Request | Resolved: ...
+def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = Limits()) -> Request | Resolved:
     """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed.
 
     Without the model (a Hub model not downloaded yet) what depends on it — the default size, the
-    VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again.
+    VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again:
+    the answer is then still a Request, with its seed drawn so that the job records it.
     """
     r = request
     _check(isinstance(r.prompt, str), "prompt", f"must be text, got {type(r.prompt).__name__}")
@@ -125,7 +155,8 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
     refusal = _scheduler_refusal(r.scheduler, r.steps, model)
     if refusal:
         raise InvalidParameter(*refusal)
-    return replace(r, seed=seed, width=width, height=height)
+    return Resolved(r.prompt, r.negative_prompt, r.steps, r.guidance_scale, width, height, r.count, seed, r.scheduler,
+                    r.rng, r.init_image, r.strength, r.safety_checker)
 
 
 @lru_cache(maxsize=1024)
@@ -149,7 +180,7 @@ class Pipeline:
         self.runtime = runtime
         self.limits = limits
         self.tokenizer = Tokenizer(model.tokenizer_dir)
-        self.feature_extractor = None
+        self.feature_extractor: CLIPImageProcessor | None = None
         if model.has_safety_checker:
             import transformers
 
@@ -189,9 +220,9 @@ class Pipeline:
             scheduler.set_begin_index(begin)
             if r.rng == "numpy":  # Apple's order (generateLatentSamples): the start noise, then the encoder's sample
                 start = noise(shape)
-                image = self._encode_image(r, noise)
+                image = self._encode_image(r.init_image, r, noise)
             else:  # diffusers' order (prepare_latents): the encoder's sample, then the start noise
-                image = self._encode_image(r, noise)
+                image = self._encode_image(r.init_image, r, noise)
                 start = noise(shape)
             latents = scheduler.add_noise(image, start, timesteps[0])
         timings = {"prepare": time.perf_counter() - started}
@@ -202,7 +233,7 @@ class Pipeline:
 
         # A runtime that runs the loop on its device gets the scheduler as a coefficient table
         # traced from this very scheduler (linear_steps); noise-drawing or clipping ones stay here.
-        plan = linear_steps.trace(scheduler, timesteps) if getattr(self.runtime, "device_loop", False) else None
+        plan = linear_steps.trace(scheduler, timesteps) if self.runtime.device_loop else None
         if plan is not None:
             latents = self.runtime.denoise(latents, embeds, plan, r.guidance_scale if guided else None, check, on_step)
         else:
@@ -224,24 +255,24 @@ class Pipeline:
         pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         flagged = [False] * r.count
         if r.safety_checker and self.feature_extractor is not None:
-            flagged = self._check_safety(pixels)
+            flagged = self._check_safety(self.feature_extractor, pixels)
             pixels[np.asarray(flagged)] = 0
         images = [np.round(image * 255).astype(np.uint8) for image in pixels]
         timings["total"] = time.perf_counter() - started
         return Result(images, r, flagged, prompt.dropped, timings)
 
-    def _encode_image(self, r: Request, noise: schedulers.Noise) -> np.ndarray:
+    def _encode_image(self, init_image: Image.Image, r: Resolved, noise: schedulers.Noise) -> np.ndarray:
         """The init image's latents, sampled from the VAE encoder's distribution as diffusers does."""
-        image = r.init_image.convert("RGB")
+        image = init_image.convert("RGB")
         if image.size != (r.width, r.height):
-            image = image.resize((r.width, r.height), Image.LANCZOS)
+            image = image.resize((r.width, r.height), Image.Resampling.LANCZOS)
         pixels = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None] * 2 - 1
         mean, logvar = np.split(self.runtime.encode(pixels), 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latent = (mean + std * noise(mean.shape)) * np.float32(self.model.scaling_factor)
         return np.repeat(latent, r.count, axis=0)
 
-    def _check_safety(self, pixels: np.ndarray) -> list[bool]:
+    def _check_safety(self, feature_extractor: CLIPImageProcessor, pixels: np.ndarray) -> list[bool]:
         images = [Image.fromarray(np.round(p * 255).astype(np.uint8)) for p in pixels]
-        clip_input = self.feature_extractor(images, return_tensors="np").pixel_values
+        clip_input = feature_extractor(images, return_tensors="np").pixel_values
         return [bool(f) for f in self.runtime.check_safety(clip_input, pixels)]

@@ -15,12 +15,12 @@ from diffusiond.clients.infotext import Infotext, format_infotext
 
 from ..outputs import numbered
 from . import schedulers
-from .pipeline import Request, Result
+from .pipeline import Resolved, Result
 
 VERSION = "diffusiond 0.1.0"
 
 
-def infotext(request: Request, model: str, index: int = 0, flagged: bool = False, dropped: str = "") -> str:
+def infotext(request: Resolved, model: str, index: int = 0, flagged: bool = False, dropped: str = "") -> str:
     """The settings that reproduce image ``index`` of a request, in the infotext format."""
     params: dict[str, object] = {
         "Steps": request.steps,

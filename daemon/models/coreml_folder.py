@@ -156,6 +156,14 @@ def unsupported(folder: Path, parts: dict[str, Description]) -> list[str]:
     return found
 
 
+def find_tokenizer(path: Path) -> Path | None:
+    """Where vocab.json and merges.txt lie: the models' own folder, else up to three above (a repo's top)."""
+    for folder in (path, *list(path.parents)[:3]):
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return folder
+    return None
+
+
 def is_coreml_folder(folder: Path) -> bool:
     parts = find_parts(folder)
     return "TextEncoder" in parts and ("Unet" in parts or "UnetChunk1" in parts)
@@ -177,7 +185,7 @@ class CoreMLFolder:
         missing = [p for p in ("TextEncoder", "VAEDecoder") if p not in parts]
         if "Unet" not in parts and not {"UnetChunk1", "UnetChunk2"} <= parts.keys():
             missing.append("Unet (or UnetChunk1 and UnetChunk2)")
-        if folder.tokenizer_dir is None:
+        if find_tokenizer(folder.path) is None:
             missing.append("vocab.json and merges.txt")
         if missing:
             raise ModelInvalid(f"Core ML model {name} lacks {', '.join(missing)} in {folder.path}")
@@ -239,12 +247,12 @@ class CoreMLFolder:
         return self.facts["scheduler_config"]
 
     @cached_property
-    def tokenizer_dir(self) -> Path | None:
+    def tokenizer_dir(self) -> Path:
         """The folder with vocab.json and merges.txt: the models' own, else the repo's top (two up)."""
-        for folder in (self.path, *list(self.path.parents)[:3]):
-            if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                return folder
-        return None
+        folder = find_tokenizer(self.path)
+        if folder is None:
+            raise ModelInvalid(f"Core ML model {self.name} lacks vocab.json and merges.txt in {self.path}")
+        return folder
 
     @property
     def has_safety_checker(self) -> bool:

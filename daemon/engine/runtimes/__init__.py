@@ -5,6 +5,7 @@ Each runtime implements :class:`Runtime`; the arrays are float32 except token id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,9 +17,18 @@ if TYPE_CHECKING:
     from ...coreml.hardware import Machine
     from ...models.coreml_folder import CoreMLFolder
     from ...models.diffusers_folder import ModelFolder
+    from ..linear_steps import LinearPlan
+
+
+# Called before step k is run (it raises to cancel); after each step with (step, of steps, latents).
+BeforeStep = Callable[[int], None]
+StepCallback = Callable[[int, int, np.ndarray], None]
 
 
 class Runtime(Protocol):
+    # True: the pipeline hands the whole denoising loop to `denoise` (when the scheduler is linear).
+    device_loop: bool
+
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         """(B, 77) token ids → (B, 77, C) hidden states."""
 
@@ -33,6 +43,18 @@ class Runtime(Protocol):
 
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Safety checker: CLIP pixels and (B, H, W, 3) images in [0, 1] → (B,) bool, True = flagged."""
+
+    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+                before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
+        """The whole denoising loop on the device, the scheduler as ``plan``; called only when
+        ``device_loop`` is true. ``before_step(k)`` raises to cancel."""
+
+    @property
+    def has_warm_up(self) -> bool:
+        """Whether ``warm_up`` has work to do (compiling, capturing graphs), worth a loading phase."""
+
+    def warm_up(self, width: int, height: int, count: int = 1, steps: int = 25) -> float:
+        """Compile and capture for one request shape, before any job pays for it; the seconds it took."""
 
 
 def open_runtime(

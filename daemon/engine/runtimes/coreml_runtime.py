@@ -12,12 +12,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...errors import InvalidParameter, ModelInvalid
 from ...models.coreml_folder import CoreMLFolder, Description
+
+if TYPE_CHECKING:
+    from ..linear_steps import LinearPlan
+    from . import BeforeStep, StepCallback
 
 COMPUTE_UNITS = {"cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL", "cpuOnly": "CPU_ONLY"}
 Feed = dict[str, np.ndarray]
@@ -98,6 +102,10 @@ def _load(path: Path, compute_units: str, name: str) -> Any:
 
 
 class CoreMLRuntime:
+    # Core ML predicts one network call at a time from the host, and compiles its models at load.
+    device_loop = False
+    has_warm_up = False
+
     def __init__(self, model: CoreMLFolder, compute_units: str, with_safety_checker: bool = False) -> None:
         if compute_units not in COMPUTE_UNITS:
             raise ModelInvalid(f"unknown compute units {compute_units!r}; choose one of {', '.join(COMPUTE_UNITS)}")
@@ -134,3 +142,10 @@ class CoreMLRuntime:
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
         outputs = self._run("SafetyChecker", safety_inputs(self.described["SafetyChecker"], clip_input, images))
         return joined(outputs, "has_nsfw_concepts").astype(bool)
+
+    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+                before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
+        raise NotImplementedError("Core ML has no device loop (device_loop is False): the pipeline runs the steps")
+
+    def warm_up(self, width: int, height: int, count: int = 1, steps: int = 25) -> float:
+        return 0.0

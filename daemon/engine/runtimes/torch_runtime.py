@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from transformers import CLIPTextModel
 
 from ...errors import ModelInvalid
 from ..linear_steps import LinearPlan
+from . import BeforeStep, StepCallback
 
 if TYPE_CHECKING:
     from ...config import Config
@@ -143,8 +144,8 @@ class TorchRuntime:
         self.compiles = settings.on("compile", self.device)
         self.graphs = settings.on("cuda_graphs", self.device)
         self.device_loop = settings.on("device_loop", self.device)
-        self._unet: Callable[..., object] = self.unet
-        self._decode: Callable[[torch.Tensor], object] = self.vae.decode
+        self._unet: Callable[..., Any] = self.unet
+        self._decode: Callable[[torch.Tensor], Any] = self.vae.decode
         if self.compiles:
             if settings.compile_cache is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
@@ -186,19 +187,14 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
+        if self.safety_checker is None:
+            raise ModelInvalid("this runtime was opened without the safety checker; open it with_safety_checker=True")
         _, flagged = self.safety_checker(clip_input=self._in(clip_input), images=images.copy())
         return np.asarray(flagged, dtype=bool)
 
     @torch.inference_mode()
-    def denoise(
-        self,
-        latents: np.ndarray,
-        embeds: np.ndarray,
-        plan: LinearPlan,
-        guidance: float | None,
-        before_step: Callable[[int], None],
-        on_step: Callable[[int, int, np.ndarray], None] | None,
-    ) -> np.ndarray:
+    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+                before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         """The whole denoising loop on the device: step k's UNet input is ``plan.inputs[k] @ atoms``,
         its guided output becomes atom k + 1. ``before_step(k)`` runs before step k is queued (it
         raises to cancel); ``on_step`` gets step k's latents while step k + 1 runs, so the device
@@ -286,15 +282,8 @@ class _Loop:
             self._step()
         return graph
 
-    def run(
-        self,
-        latents: np.ndarray,
-        embeds: np.ndarray,
-        plan: LinearPlan,
-        guidance: float | None,
-        before_step: Callable[[int], None],
-        on_step: Callable[[int, int, np.ndarray], None] | None,
-    ) -> np.ndarray:
+    def run(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+            before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         runtime, n = self.runtime, plan.steps
         device = runtime.device
         cuda = device.type == "cuda"
@@ -322,7 +311,7 @@ class _Loop:
                 if pending is not None:
                     self._report(pending, n, on_step)
                 pending = self._fetch(k + 1, rows[k + 1], cuda)
-        if pending is not None:
+        if on_step is not None and pending is not None:
             self._report(pending, n, on_step)
         return runtime._out(torch.tensordot(rows[n], self.atoms, dims=1))
 
@@ -338,7 +327,7 @@ class _Loop:
         return step, host, done
 
     @staticmethod
-    def _report(pending: tuple[int, torch.Tensor, torch.cuda.Event | None], total: int, on_step) -> None:
+    def _report(pending: tuple[int, torch.Tensor, torch.cuda.Event | None], total: int, on_step: StepCallback) -> None:
         step, host, done = pending
         if done is not None:
             done.synchronize()
