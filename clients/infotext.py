@@ -76,7 +76,9 @@ def parse_infotext(text: str) -> Infotext:
     params = _parse_params(lines[-1].strip()) if lines else None
     if params is not None:
         lines = lines[:-1]
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in lines:
         if line.startswith(NEGATIVE):
             in_negative = True

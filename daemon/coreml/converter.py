@@ -109,7 +109,7 @@ def convert(
     name = _slug(source)
     out.mkdir(parents=True, exist_ok=True)
 
-    jobs = [
+    jobs: list[tuple[str, torch.nn.Module, dict[str, tuple[int, ...]], list[str]]] = [
         ("TextEncoder", _TextEncoder(loaded["text_encoder"]), {"input_ids": (1, TOKENS)}, ["last_hidden_state"]),
         ("Unet", _Unet(unet),
          {"sample": (UNET_BATCH, *latent), "timestep": (UNET_BATCH,), "encoder_hidden_states": (UNET_BATCH, hidden, 1, TOKENS)},

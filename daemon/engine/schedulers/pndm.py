@@ -66,7 +66,7 @@ class PNDM:
         self._counter = 0
         self._ets: list[np.ndarray] = []
         self._rk_sum: Any = 0.0
-        self._cur_sample: np.ndarray | None = None
+        self._cur_sample = np.zeros(0, dtype=np.float32)  # the sample at the step's start
 
     def set_begin_index(self, begin_index: int) -> None:
         """diffusers' PNDM counts its steps from the first one it is given, wherever that is; so does this."""
@@ -112,7 +112,7 @@ class PNDM:
             self._cur_sample = sample
         elif self._counter == 1:
             model_output = (model_output + ets[-1]) / 2
-            sample, self._cur_sample = self._cur_sample, None
+            sample = self._cur_sample
         elif len(ets) == 2:
             model_output = (3 * ets[-1] - ets[-2]) / 2
         elif len(ets) == 3:
