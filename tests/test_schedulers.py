@@ -197,6 +197,15 @@ def test_sampler_names_round_trip() -> None:
     assert schedulers.from_sampler_name("dpm++ 2m karras") == "dpmpp_2m_karras"
 
 
+@pytest.mark.parametrize("name", schedulers.DIFFUSERS_NAMES)
+def test_each_schedulers_defaults_are_its_diffusers_class_defaults(name: str) -> None:
+    """Each file spells out its class's defaults (schedulers/__init__.py says why); here they are
+    held to diffusers' constructor, key for key, so a copy cannot drift."""
+    cls = schedulers.scheduler_class(name)
+    parameters = inspect.signature(getattr(diffusers, cls.DIFFUSERS_CLASS).__init__).parameters
+    assert {key: parameters[key].default for key in cls.DEFAULTS if key in parameters} == dict(cls.DEFAULTS)
+
+
 def test_config_values_a_scheduler_does_not_implement_are_refused_by_name() -> None:
     for name in schedulers.NAMES:
         with pytest.raises(ValueError, match="does not support prediction_type='flow'; supported: 'epsilon'"):

@@ -14,6 +14,17 @@ The contract each class keeps:
 * ``scale_model_input(sample, t)``; ``step(model_output, t, sample, noise)`` → previous sample,
   where ``noise(shape)`` draws standard normal float32 noise for the steps that need it.
 * ``add_noise(original, noise, t)`` for img2img.
+
+Self-contained on purpose. Each file reads top to bottom like its diffusers class: its
+``DEFAULTS`` (that class's constructor defaults), what it refuses (``SUPPORTED``), then
+``set_timesteps`` and ``step`` with the paper or formula cited. The ``DEFAULTS`` and ``SUPPORTED``
+blocks look alike from file to file, but their values are each class's own (LCM's and Swift's beta
+range, DDIM's ``clip_sample``, PNDM's missing ``rescale_betas_zero_snr``), and a shared base would
+hide what a scheduler runs with behind an import; so they stay per file, and
+tests/test_schedulers.py holds every ``DEFAULTS`` to diffusers' constructor so no copy drifts.
+What is about no one scheduler lives once: refusing an unimplemented config value
+(:func:`check_supported`), the training betas (betas.py), σ bookkeeping (sigmas.py), Swift's
+float32 arithmetic (swift.py), and taking a model config's keys (:func:`create`).
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ class Scheduler(Protocol):
     DEFAULTS: Mapping[str, Any]
     init_noise_sigma: float
     timesteps: np.ndarray
+
+    def __init__(self, config: Mapping[str, Any]) -> None: ...
 
     def set_timesteps(self, num_inference_steps: int) -> None: ...
 
@@ -97,7 +110,7 @@ def from_sampler_name(sampler: str) -> str:
     raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(e[3] for e in _REGISTRY.values())}")
 
 
-def scheduler_class(name: str) -> type:
+def scheduler_class(name: str) -> type[Scheduler]:
     module, cls, _, _ = _REGISTRY[_check(name)]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
