@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffusiond.clients.cli import Progress, path_argument, size_argument
+from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
 
 from .config import Limits
 from .engine import schedulers
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=path_argument, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
-    gen.add_argument("-m", "--model", default="tiny", help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
+    gen.add_argument("-m", "--model", type=model_name, default="tiny",
+                     help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
     gen.add_argument("-n", "--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNITS, help="Core ML models: where they run")
     convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout "
                                   "(on macOS also compiled into Resources/ for Apple's Swift CLI)")
-    convert.add_argument("source", help="a diffusers-format folder or Hub repo (org/name)")
+    convert.add_argument("source", type=model_name, help="a diffusers-format folder or Hub repo (org/name)")
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the Core ML models")
     convert.add_argument("--attention", default="split_einsum", choices=("original", "split_einsum"),
                          help="split_einsum: the Neural Engine's; original: the GPU's")

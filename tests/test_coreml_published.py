@@ -28,6 +28,7 @@ from diffusiond.daemon.engine.pipeline import Request, resolve
 from diffusiond.daemon.errors import ModelInvalid
 from diffusiond.daemon.models import catalog, coreml_layout
 from diffusiond.daemon.models.coreml_folder import CoreMLFolder
+from diffusiond.daemon.models.ref import parse
 
 from .daemon_process import Daemon
 from .fake_hub import FakeHub, coreml_listing, published_coreml_repo
@@ -227,8 +228,8 @@ def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> No
 
     original = REAL.removesuffix("-coreml")  # sd15-coreml → sd15: the catalog's diffusers-format repo
     assert catalog.lookup(original) and catalog.lookup(original).runtime == "torch"
-    store.pull(catalog.repo_for(REAL), False, lambda progress: None, compute_units="cpuAndGPU")
-    store.pull(catalog.repo_for(original), False, lambda progress: None)
+    store.pull(parse(REAL).canonical, False, lambda progress: None, compute_units="cpuAndGPU")
+    store.pull(parse(original).canonical, False, lambda progress: None)
     request = Request("a lighthouse at dusk, oil painting", steps=20, seed=7, safety_checker=False)
     images = []
     for name, runtime in ((REAL, "coreml"), (original, "torch")):

@@ -9,7 +9,6 @@ on a GPU when the repo has one.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 import zipfile
@@ -19,9 +18,7 @@ from typing import Any
 
 from ..errors import Cancelled, EngineError, ModelNotFound
 from . import coreml_layout
-from .catalog import ALIASES
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+from .ref import parse
 _SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json")
 _WEIGHTS = {
     "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
@@ -38,13 +35,12 @@ class DownloadFailed(EngineError):
     code = "download_failed"
 
 
-def is_hub_id(name: str) -> bool:
-    return name not in ALIASES and not Path(name).expanduser().exists() and bool(HUB_ID.match(name))
-
-
 def split(name: str) -> tuple[str, str | None]:
-    repo, _, revision = name.partition("@")
-    return repo, revision or None
+    """A Hub id's repo and revision."""
+    ref = parse(name)
+    if ref.repo is None:
+        raise ModelNotFound(f"{name!r} is not a Hub id (org/name[@revision]) or a catalog name")
+    return ref.repo, ref.revision
 
 
 def runtime_files(files: list[str], gpu: bool) -> list[str]:

@@ -17,6 +17,7 @@ from ..engine.pipeline import Pipeline
 from ..errors import ModelNotDownloaded
 from ..models import catalog, store
 from ..models.diffusers_folder import ModelFolder
+from ..models.ref import parse
 
 log = logging.getLogger("diffusiond.warm")
 Emit = Callable[[bytes, dict[str, Any]], None]
@@ -69,7 +70,7 @@ class WarmModels:
             self.emit(topic, {"type": "model.downloading", "model": name})
             units = choose(self.config.compute_units, self.config.state_dir, machine, name)
             store.pull(
-                catalog.repo_for(name), lambda: torch_uses_gpu(self.config.device),
+                parse(name).canonical, lambda: torch_uses_gpu(self.config.device),
                 lambda progress: self.emit(topic, {"type": "model.download", **progress}), cancelled, units,
                 self.config.keep_archives,
             )
