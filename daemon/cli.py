@@ -10,9 +10,8 @@ from pathlib import Path
 
 from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
 
-from .config import Limits
+from .config import STOP_GRACE, Limits
 from .engine import schedulers
-from .engine.pipeline import Request
 from .errors import EngineError
 from .models.coreml_folder import PARTS
 from .models.coreml_layout import COMPUTE_UNITS
@@ -91,7 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .config import load
-    from .engine.pipeline import Pipeline, resolve
+    from .engine.pipeline import Pipeline, Request, resolve
     from .errors import InvalidParameter
     from .engine.png import save_result
     from .engine.runtimes import open_runtime
@@ -204,7 +203,6 @@ def _stop(args: argparse.Namespace) -> int:
     from diffusiond.clients import Client, DaemonUnreachable
 
     from . import config
-    from .service.server import STOP_GRACE
     from .service.sockets import lock_held
 
     settings = config.load(args.config)
@@ -336,7 +334,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .coreml import compute_units
     from .coreml.compute_bench import measure, table
     from .coreml.hardware import this_machine
-    from .engine.pipeline import Pipeline
+    from .engine.pipeline import Pipeline, Request
     from .engine.runtimes.coreml_runtime import CoreMLRuntime
     from .models.diffusers_folder import ModelFolder
 

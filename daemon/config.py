@@ -37,6 +37,10 @@ def _default_state_dir() -> Path:
 
 
 MIN_SIZE = 64  # the smallest width or height; Limits.size is the largest
+# Seconds a stop waits for the worker to reach a point between model calls; a call that runs
+# longer (one step of a huge image on the CPU) is abandoned and its job queued again. Here, not in
+# the server, so that `diffusiond stop` can say it without importing the server.
+STOP_GRACE = 5.0
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from diffusiond.clients.protocol import (
 )
 from PIL import Image
 
-from ..config import Config
+from ..config import STOP_GRACE, Config
 from ..coreml.compute_units import choose
 from ..coreml.hardware import this_machine
 from ..engine import schedulers
@@ -59,9 +59,6 @@ BATCH = 512  # requests handled per commit at most
 MAX_INIT_IMAGE_SIDE = 4096
 MAX_PRIORITY = 1000
 MAX_LIST = 1000
-# Seconds a stop waits for the worker to reach a point between model calls; a call that runs
-# longer (one step of a huge image on the CPU) is abandoned and its job queued again.
-STOP_GRACE = 5.0
 CANCEL_PENDING = ("job {job} stops before its next model call (each denoising step is one, the VAE decode "
                   "another); a call under way is not interrupted, so on a slow machine that can take a while")
 # Each job field's wire type: a value of another type is `bad_message`, one outside its limits
