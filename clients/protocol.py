@@ -38,7 +38,8 @@ class Code:
     MODEL_INVALID = "model_invalid"
     CANCELLED = "cancelled"
     OUTPUT_ERROR = "output_error"  # the output folder cannot be written
-    SHUTTING_DOWN = "shutting_down"
+    DOWNLOAD_FAILED = "download_failed"  # a Hub model's download broke off, or its archive was unsafe
+    INSUFFICIENT_DISK = "insufficient_disk"  # a Hub model does not fit in the Hugging Face cache's disk
     INTERNAL = "internal_error"
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
+from diffusiond.clients.protocol import Code
 
 from .config import STOP_GRACE, Limits
 from .engine import schedulers
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except EngineError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("invalid_parameter", "model_not_found") else EXIT_FAILED
+        return EXIT_USAGE if exc.code in (Code.INVALID_PARAMETER, Code.MODEL_NOT_FOUND) else EXIT_FAILED
     except OSError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_FAILED

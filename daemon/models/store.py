@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffusiond.clients.protocol import Code
+
 from ..errors import Cancelled, EngineError, ModelNotFound
 from . import coreml_layout
 from .ref import parse
@@ -28,11 +30,11 @@ PROGRESS_INTERVAL = 0.25  # seconds between download progress reports
 
 
 class InsufficientDisk(EngineError):
-    code = "insufficient_disk"
+    code = Code.INSUFFICIENT_DISK
 
 
 class DownloadFailed(EngineError):
-    code = "download_failed"
+    code = Code.DOWNLOAD_FAILED
 
 
 def split(name: str) -> tuple[str, str | None]:
