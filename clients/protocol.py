@@ -105,6 +105,13 @@ def error(request_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
+# Where a Core ML model runs, as Apple's Swift CLI and Diffusers for Mac spell it: the config's
+# compute_units, `pull`'s field and the command lines' --compute-units take one of these or AUTO.
+COMPUTE_UNITS = ("cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly")
+AUTO = "auto"  # the bench's winner on this machine, else Diffusers for Mac's rule
+COMPUTE_UNIT_CHOICES = (AUTO, *COMPUTE_UNITS)
+
+
 def job_topic(job_id: str) -> bytes:
     return f"job.{job_id}".encode()
 

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
-from diffusiond.clients.protocol import Code
+from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code
 
 from .config import STOP_GRACE, Limits
 from .engine import schedulers
 from .errors import EngineError
 from .models.coreml_folder import PARTS
-from .models.coreml_layout import COMPUTE_UNITS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -67,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
-    gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNITS, help="Core ML models: where they run")
+    gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNIT_CHOICES,
+                     help="Core ML models: where they run")
     convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout "
                                   "(on macOS also compiled into Resources/ for Apple's Swift CLI)")
     convert.add_argument("source", type=model_name, help="a diffusers-format folder or Hub repo (org/name)")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
     bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
-    bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS[:-1], default=list(COMPUTE_UNITS[:-1]))
+    bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS, default=list(COMPUTE_UNITS))
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--runs", type=int, default=2, help="timed images per option, after one to warm up")
     bench.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")

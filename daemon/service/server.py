@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 from diffusiond.clients.protocol import (
+    COMPUTE_UNIT_CHOICES,
     DAEMON_TOPIC,
     HARD_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -42,7 +43,6 @@ from ..engine.pipeline import Request, resolve
 from ..errors import EngineError, ModelNotDownloaded
 from ..models import catalog, store
 from ..models.catalog import ALIASES
-from ..models.coreml_layout import COMPUTE_UNITS
 from ..models.diffusers_folder import ModelFolder
 from ..models.ref import parse
 from .downloader import Downloader
@@ -499,8 +499,8 @@ class Server:
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
         name = parse(_required(message, "model", str)).canonical
         units = _field(message, "compute_units", str, self.config.compute_units)
-        if units not in COMPUTE_UNITS:
-            raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNITS)}")
+        if units not in COMPUTE_UNIT_CHOICES:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNIT_CHOICES)}")
         if parse(name).repo is None:
             raise ProtocolError(Code.INVALID_PARAMETER, f"model: {name!r} is not a Hub id (org/name) or a catalog alias")
         self.downloader.pull(name, choose(units, self.config.state_dir, this_machine(), name))

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from diffusiond.clients.protocol import COMPUTE_UNITS
 
 from ...errors import InvalidParameter, ModelInvalid
 from ...models.coreml_folder import CoreMLFolder, Description
 
-COMPUTE_UNITS = {"cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL", "cpuOnly": "CPU_ONLY"}
+_CORE_ML_NAMES = dict(zip(COMPUTE_UNITS, ("CPU_AND_GPU", "CPU_AND_NE", "ALL", "CPU_ONLY")))  # coremltools' ComputeUnit
 Feed = dict[str, np.ndarray]
 
 
@@ -91,7 +92,7 @@ def _load(path: Path, compute_units: str, name: str) -> Any:
                            f"its diffusers-format original with the torch runtime")
     import coremltools as ct
 
-    units = ct.ComputeUnit[COMPUTE_UNITS[compute_units]]
+    units = ct.ComputeUnit[_CORE_ML_NAMES[compute_units]]
     if path.suffix == ".mlmodelc":
         return ct.models.CompiledMLModel(str(path), units)
     return ct.models.MLModel(str(path), compute_units=units)
