@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
@@ -113,13 +114,10 @@ def _generate(args: argparse.Namespace) -> int:
     model = ModelFolder.open(args.model)
     resolve(request, model)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
-    options = {}
-    if model.runtime == "torch":  # one image: compiling or capturing graphs would not pay
-        from .engine.runtimes.torch_runtime import TorchSettings
-
-        options["settings"] = TorchSettings(compile="off", cuda_graphs="off")
-    runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
-                           model.has_safety_checker and request.safety_checker, load().state_dir, **options)
+    # The model's own runtime, and one image: compiling or capturing graphs would not pay.
+    settings = replace(load(), runtime=model.runtime, device=args.device, compute_units=args.compute_units,
+                       compile="off", cuda_graphs="off")
+    runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
     pipeline = Pipeline(model, runtime)
     # A redrawn bar for a terminal only: into a pipe or a log it would be terminal escapes.
     progress, started = Progress(enabled=sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1"), time.monotonic()

@@ -222,6 +222,7 @@ MEAN_TOLERANCE = 6
 @pytest.mark.skipif(not (ON_A_MAC and REAL), reason="needs Core ML and the real Hub: macos.yml sets DIFFUSIOND_REAL_COREML")
 def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> None:
     from diffusiond.daemon.engine.pipeline import Pipeline
+    from diffusiond.daemon.config import Config
     from diffusiond.daemon.engine.runtimes import open_runtime
     from diffusiond.daemon.models import store
     from diffusiond.daemon.models.diffusers_folder import ModelFolder
@@ -234,7 +235,8 @@ def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> No
     images = []
     for name, runtime in ((REAL, "coreml"), (original, "torch")):
         model = ModelFolder.open(name)
-        pipeline = Pipeline(model, open_runtime(model, runtime, "cpu", "cpuAndGPU", False, tmp_path))
+        config = Config(runtime=runtime, device="cpu", compute_units="cpuAndGPU", state_dir=tmp_path)
+        pipeline = Pipeline(model, open_runtime(model, config, False))
         images.append(pipeline.generate(request).images[0].astype(int))
         del pipeline  # the runner has 7 GB: one model at a time
     difference = np.abs(images[0] - images[1])

@@ -146,15 +146,14 @@ def coreml_local_path(name: str) -> Path | None:
 
 def pull(
     name: str,
-    gpu: bool | Callable[[], bool],
+    gpu: bool,
     report: Callable[[dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
     compute_units: str = "cpuAndGPU",
     keep_archives: bool = False,
 ) -> Path:
     """Download what a runtime needs of a Hub model (files already cached are not fetched again):
-    for a diffusers-format repo the torch runtime's files (`gpu`: fetch the fp16 weights; a callable
-    is asked only then, as deciding needs torch); for a Core ML repo the variant the compute units
+    for a diffusers-format repo the torch runtime's files (`gpu`: fetch the fp16 weights); for a Core ML repo the variant the compute units
     need, its archives unpacked and then removed from the cache unless `keep_archives`. The folder
     to load from."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
@@ -181,7 +180,7 @@ def pull(
             # An archive already unpacked is not needed again (its blob may be gone).
             files = [f for f in files if not (f.endswith(".zip") and (unpacked / Path(f).stem).is_dir())]
         else:
-            files = runtime_files(list(sizes), gpu() if callable(gpu) else gpu)
+            files = runtime_files(list(sizes), gpu)
             if "model_index.json" not in files:
                 raise ModelNotFound(f"{name} is neither a diffusers-format model (no model_index.json) nor a Core ML repo")
         cache = Path(constants.HF_HUB_CACHE)
