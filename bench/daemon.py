@@ -209,7 +209,7 @@ def one_job(daemon: Daemon, repeats: int, steps: int, scheduler: str, threads: i
     """Phase 1; returns the params the daemon stored for the job, which the storage baseline inserts."""
     import torch
 
-    from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
+    from diffusiond.daemon.engine.runtimes import open_runtime
 
     torch.set_num_threads(threads)
     check = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
@@ -217,7 +217,7 @@ def one_job(daemon: Daemon, repeats: int, steps: int, scheduler: str, threads: i
     out = daemon.home / "in-process"
     out.mkdir()
     model = ModelFolder.open("tiny")
-    pipeline = Pipeline(model, TorchRuntime(model.path, "cpu"))
+    pipeline = Pipeline(model, open_runtime(model, Config(device="cpu"), False))
     request = Request(PROMPT, steps=steps, seed=1, scheduler=scheduler)
     names = itertools.count()
 

@@ -21,7 +21,8 @@ import torch
 
 from diffusiond.daemon.engine import schedulers
 from diffusiond.daemon.engine.pipeline import Pipeline, Request
-from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime
+from diffusiond.daemon.config import Config
+from diffusiond.daemon.engine.runtimes import open_runtime
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -50,7 +51,7 @@ def side_by_side(first, second, repeats: int) -> tuple[float, float]:
 
 
 def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> None:
-    ours = Pipeline(model, TorchRuntime(model.path, "cpu"))
+    ours = Pipeline(model, open_runtime(model, Config(device="cpu"), False))
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(model.path, safety_checker=None)
     theirs.set_progress_bar_config(disable=True)
     cls = getattr(diffusers, schedulers.scheduler_class(scheduler).DIFFUSERS_CLASS)

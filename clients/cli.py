@@ -23,7 +23,7 @@ from typing import Any
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
 from .infotext import job_settings, parse_infotext, parse_size
 from .pngtext import read_text
-from .protocol import STATES, unpack
+from .protocol import COMPUTE_UNIT_CHOICES, STATES, unpack
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8")
-    submit.add_argument("--scheduler", help="pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, lcm, dpmpp_2m_swift, pndm_swift")
+    submit.add_argument("--scheduler", help="a scheduler (`diffusiond generate --help` lists the daemon's) or a sampler "
+                        "name such as 'DPM++ 2M Karras'; an unknown one is refused with the list")
     submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
     submit.add_argument("--count", type=int, help="images from one generator")
     submit.add_argument("--rng", choices=("numpy", "torch"))
@@ -110,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     pull = models_commands.add_parser("pull", help="download a Hub model (org/name[@revision] or a catalog name)")
     pull.add_argument("name")
     pull.add_argument("--compute-units", default="auto",
-                      choices=("auto", "cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly"),
+                      choices=COMPUTE_UNIT_CHOICES,
                       help="Core ML models: the variant these compute units run best")
     pull.add_argument("--timeout", type=_seconds, help="give up waiting after this many seconds (exit 5)")
     models_commands.add_parser("remove", help="delete a downloaded Hub model").add_argument("name")

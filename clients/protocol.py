@@ -38,7 +38,8 @@ class Code:
     MODEL_INVALID = "model_invalid"
     CANCELLED = "cancelled"
     OUTPUT_ERROR = "output_error"  # the output folder cannot be written
-    SHUTTING_DOWN = "shutting_down"
+    DOWNLOAD_FAILED = "download_failed"  # a Hub model's download broke off, or its archive was unsafe
+    INSUFFICIENT_DISK = "insufficient_disk"  # a Hub model does not fit in the Hugging Face cache's disk
     INTERNAL = "internal_error"
 
 
@@ -102,6 +103,13 @@ def ok(request_id: Any, **fields: Any) -> dict[str, Any]:
 
 def error(request_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+# Where a Core ML model runs, as Apple's Swift CLI and Diffusers for Mac spell it: the config's
+# compute_units, `pull`'s field and the command lines' --compute-units take one of these or AUTO.
+COMPUTE_UNITS = ("cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly")
+AUTO = "auto"  # the bench's winner on this machine, else Diffusers for Mac's rule
+COMPUTE_UNIT_CHOICES = (AUTO, *COMPUTE_UNITS)
 
 
 def job_topic(job_id: str) -> bytes:

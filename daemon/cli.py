@@ -6,16 +6,16 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from diffusiond.clients.cli import Progress, path_argument, size_argument
+from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
+from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code
 
-from .config import Limits
+from .config import STOP_GRACE, Limits
 from .engine import schedulers
-from .engine.pipeline import Request
 from .errors import EngineError
 from .models.coreml_folder import PARTS
-from .models.coreml_layout import COMPUTE_UNITS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=path_argument, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
-    gen.add_argument("-m", "--model", default="tiny", help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
+    gen.add_argument("-m", "--model", type=model_name, default="tiny",
+                     help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
     gen.add_argument("-n", "--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
@@ -66,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
-    gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNITS, help="Core ML models: where they run")
+    gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNIT_CHOICES,
+                     help="Core ML models: where they run")
     convert = commands.add_parser("convert", help="turn a diffusers-format model into Core ML models in Apple's layout "
                                   "(on macOS also compiled into Resources/ for Apple's Swift CLI)")
-    convert.add_argument("source", help="a diffusers-format folder or Hub repo (org/name)")
+    convert.add_argument("source", type=model_name, help="a diffusers-format folder or Hub repo (org/name)")
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the Core ML models")
     convert.add_argument("--attention", default="split_einsum", choices=("original", "split_einsum"),
                          help="split_einsum: the Neural Engine's; original: the GPU's")
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
     bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
-    bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS[:-1], default=list(COMPUTE_UNITS[:-1]))
+    bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS, default=list(COMPUTE_UNITS))
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--runs", type=int, default=2, help="timed images per option, after one to warm up")
     bench.add_argument("--config", type=Path, help="TOML config (default: the platform's usual place)")
@@ -90,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .config import load
-    from .engine.pipeline import Pipeline, resolve
+    from .engine.pipeline import Pipeline, Request, resolve
     from .errors import InvalidParameter
     from .engine.png import save_result
     from .engine.runtimes import open_runtime
@@ -112,13 +114,10 @@ def _generate(args: argparse.Namespace) -> int:
     model = ModelFolder.open(args.model)
     resolve(request, model)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
-    options = {}
-    if model.runtime == "torch":  # one image: compiling or capturing graphs would not pay
-        from .engine.runtimes.torch_runtime import TorchSettings
-
-        options["settings"] = TorchSettings(compile="off", cuda_graphs="off")
-    runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
-                           model.has_safety_checker and request.safety_checker, load().state_dir, **options)
+    # The model's own runtime, and one image: compiling or capturing graphs would not pay.
+    settings = replace(load(), runtime=model.runtime, device=args.device, compute_units=args.compute_units,
+                       compile="off", cuda_graphs="off")
+    runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
     pipeline = Pipeline(model, runtime)
     # A redrawn bar for a terminal only: into a pipe or a log it would be terminal escapes.
     progress, started = Progress(enabled=sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1"), time.monotonic()
@@ -203,7 +202,6 @@ def _stop(args: argparse.Namespace) -> int:
     from diffusiond.clients import Client, DaemonUnreachable
 
     from . import config
-    from .service.server import STOP_GRACE
     from .service.sockets import lock_held
 
     settings = config.load(args.config)
@@ -335,7 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .coreml import compute_units
     from .coreml.compute_bench import measure, table
     from .coreml.hardware import this_machine
-    from .engine.pipeline import Pipeline
+    from .engine.pipeline import Pipeline, Request
     from .engine.runtimes.coreml_runtime import CoreMLRuntime
     from .models.diffusers_folder import ModelFolder
 
@@ -369,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except EngineError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("invalid_parameter", "model_not_found") else EXIT_FAILED
+        return EXIT_USAGE if exc.code in (Code.INVALID_PARAMETER, Code.MODEL_NOT_FOUND) else EXIT_FAILED
     except OSError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_FAILED

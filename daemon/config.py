@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from diffusiond.clients.protocol import default_runtime_dir
+from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, default_runtime_dir
 
 
 
@@ -37,6 +37,10 @@ def _default_state_dir() -> Path:
 
 
 MIN_SIZE = 64  # the smallest width or height; Limits.size is the largest
+# Seconds a stop waits for the worker to reach a point between model calls; a call that runs
+# longer (one step of a huge image on the CPU) is abandoned and its job queued again. Here, not in
+# the server, so that `diffusiond stop` can say it without importing the server.
+STOP_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Config:
     model: str = "tiny"  # loaded at start and kept warm
     runtime: str = "torch"
     device: str = "auto"
-    compute_units: str = "auto"  # coreml: auto (the bench's winner, else the rule), cpuAndGPU, cpuAndNeuralEngine, all, cpuOnly
+    compute_units: str = "auto"  # coreml: one of protocol.COMPUTE_UNIT_CHOICES
     # The torch runtime on a GPU (docs/gpu.md); "auto": on for CUDA, off elsewhere.
     precision: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 on a GPU, fp32 on the CPU)
     compile: str = "auto"  # auto | on | off: torch.compile the UNet and VAE decoder at load
@@ -85,11 +89,18 @@ class Config:
 
 
 _SWITCH = ("auto", "on", "off")
-_CHOICES = {
-    "runtime": ("torch", "coreml"), "compute_units": ("auto", "cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly"),
+# The torch runtime's settings and their values: the config's keys, checked here at load and by
+# TorchSettings (engine/runtimes/torch_runtime.py) wherever a command line builds its own.
+TORCH_SETTINGS = {
     "precision": ("auto", "fp16", "bf16", "fp32"), "compile": _SWITCH, "cuda_graphs": _SWITCH,
     "channels_last": _SWITCH, "device_loop": _SWITCH,
 }
+_CHOICES = {"runtime": ("torch", "coreml"), "compute_units": COMPUTE_UNIT_CHOICES, **TORCH_SETTINGS}
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
@@ -136,9 +147,12 @@ def load(path: Path | None = None) -> Config:
             values[key] = Limits(**limits)
         else:
             values[key] = _typed(key, value, types[kinds[key]])
-    for key, allowed in _CHOICES.items():
-        if key in values and values[key] not in allowed:
-            raise ValueError(f"config {path}: {key} must be one of {', '.join(allowed)}; got {values[key]!r}")
+    try:
+        for key, allowed in _CHOICES.items():
+            if key in values:
+                check_choice(key, values[key], allowed)
+    except ValueError as exc:
+        raise ValueError(f"config {path}: {exc}") from None
     config = Config(**values)
     if not config.local_worker and not config.tcp:
         raise ValueError(f"config {path}: local_worker = false needs tcp: no remote worker could reach this daemon")

@@ -1,6 +1,12 @@
-"""Engine errors with stable codes: the daemon puts the code on the wire, users read the message."""
+"""Engine errors with stable codes: the daemon puts the code on the wire, users read the message.
+
+A code a job can fail with is one of clients.protocol.Code (the one registry, docs/protocol.md);
+the others (model_not_downloaded, conversion_failed) never leave the daemon or its command line.
+"""
 
 from __future__ import annotations
+
+from diffusiond.clients.protocol import Code
 
 
 class EngineError(Exception):
@@ -10,7 +16,7 @@ class EngineError(Exception):
 class InvalidParameter(EngineError):
     """A job parameter out of its documented range; the message says which and what is allowed."""
 
-    code = "invalid_parameter"
+    code = Code.INVALID_PARAMETER
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -18,7 +24,7 @@ class InvalidParameter(EngineError):
 
 
 class ModelNotFound(EngineError):
-    code = "model_not_found"
+    code = Code.MODEL_NOT_FOUND
 
 
 class ModelNotDownloaded(ModelNotFound):
@@ -28,11 +34,11 @@ class ModelNotDownloaded(ModelNotFound):
 
 
 class ModelInvalid(EngineError):
-    code = "model_invalid"
+    code = Code.MODEL_INVALID
 
 
 class Cancelled(EngineError):
-    code = "cancelled"
+    code = Code.CANCELLED
 
 
 class ConversionFailed(EngineError):

@@ -222,3 +222,20 @@ def test_the_client_gets_message_too_large_at_once(daemon) -> None:
 def test_the_daemon_still_serves_after_all_of_it(daemon) -> None:
     assert daemon.call("ping")["ready"]
 
+
+
+def test_the_error_codes_documented_are_the_codes_the_protocol_names_and_the_engine_raises() -> None:
+    """One registry: docs/protocol.md's table, clients.protocol.Code and the codes of the errors a job
+    can fail with are the same set, so a client can branch on every code it is sent."""
+    import re
+
+    from diffusiond.daemon import errors
+    from diffusiond.daemon.models import store
+
+    table = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text().split("## Error codes", 1)[1]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    named = {value for key, value in vars(Code).items() if key.isupper()}
+    assert documented == named
+    job_errors = [errors.InvalidParameter, errors.ModelNotFound, errors.ModelInvalid, errors.Cancelled,
+                  store.DownloadFailed, store.InsufficientDisk]
+    assert {error.code for error in job_errors} <= named

@@ -37,6 +37,23 @@ def test_generate_writes_pngs_with_their_settings(tmp_path) -> None:
     assert info.params["Seed"] == "9" and info.params["Sampler"] == "Euler a" and info.params["Size"] == "64x96"
 
 
+def test_a_folder_here_named_like_a_hub_id_is_generated_from_not_downloaded(tmp_path) -> None:
+    """The daemon reads `org/name` as a Hub id whatever its disk holds (models/ref.py); the command
+    line, which knows its working directory, passes a folder there as its absolute path."""
+    import shutil
+
+    from diffusiond.daemon.models.catalog import TINY
+
+    shutil.copytree(TINY, tmp_path / "org" / "name")
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "generate", "x", "-m", "org/name", "--steps", "1",
+         "--size", "64x64", "-o", str(tmp_path / "x.png")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.png").exists()
+
+
 def test_bad_parameters_exit_2_with_the_reason(tmp_path) -> None:
     done = generate("x", "-o", str(tmp_path / "x.png"), "--size", "100x64")
     assert done.returncode == 2

@@ -302,12 +302,13 @@ def test_the_bench_times_each_option_and_prints_a_pasteable_table(tiny, runtime)
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="off a Mac the runtime refuses; on one it loads")
 def test_off_a_mac_a_core_ml_model_is_refused_saying_why(converted, tmp_path) -> None:
+    from diffusiond.daemon.config import Config
     from diffusiond.daemon.engine.runtimes import open_runtime
 
     with pytest.raises(ModelInvalid, match="macOS only"):
-        open_runtime(ModelFolder.open(str(converted[0])), "torch", "cpu", "auto", False, tmp_path)
+        open_runtime(ModelFolder.open(str(converted[0])), Config(device="cpu", state_dir=tmp_path), False)
     with pytest.raises(ModelInvalid, match="diffusiond convert"):
-        open_runtime(ModelFolder.open("tiny"), "coreml", "cpu", "auto", False, tmp_path)
+        open_runtime(ModelFolder.open("tiny"), Config(runtime="coreml", device="cpu", state_dir=tmp_path), False)
 
 
 # On a Mac (macos.yml): the converted tiny model against the torch runtime, and a bench run.

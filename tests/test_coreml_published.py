@@ -28,6 +28,7 @@ from diffusiond.daemon.engine.pipeline import Request, resolve
 from diffusiond.daemon.errors import ModelInvalid
 from diffusiond.daemon.models import catalog, coreml_layout
 from diffusiond.daemon.models.coreml_folder import CoreMLFolder
+from diffusiond.daemon.models.ref import parse
 
 from .daemon_process import Daemon
 from .fake_hub import FakeHub, coreml_listing, published_coreml_repo
@@ -221,19 +222,21 @@ MEAN_TOLERANCE = 6
 @pytest.mark.skipif(not (ON_A_MAC and REAL), reason="needs Core ML and the real Hub: macos.yml sets DIFFUSIOND_REAL_COREML")
 def test_the_real_published_model_draws_the_torch_runtimes_image(tmp_path) -> None:
     from diffusiond.daemon.engine.pipeline import Pipeline
+    from diffusiond.daemon.config import Config
     from diffusiond.daemon.engine.runtimes import open_runtime
     from diffusiond.daemon.models import store
     from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
     original = REAL.removesuffix("-coreml")  # sd15-coreml → sd15: the catalog's diffusers-format repo
     assert catalog.lookup(original) and catalog.lookup(original).runtime == "torch"
-    store.pull(catalog.repo_for(REAL), False, lambda progress: None, compute_units="cpuAndGPU")
-    store.pull(catalog.repo_for(original), False, lambda progress: None)
+    store.pull(parse(REAL).canonical, False, lambda progress: None, compute_units="cpuAndGPU")
+    store.pull(parse(original).canonical, False, lambda progress: None)
     request = Request("a lighthouse at dusk, oil painting", steps=20, seed=7, safety_checker=False)
     images = []
     for name, runtime in ((REAL, "coreml"), (original, "torch")):
         model = ModelFolder.open(name)
-        pipeline = Pipeline(model, open_runtime(model, runtime, "cpu", "cpuAndGPU", False, tmp_path))
+        config = Config(runtime=runtime, device="cpu", compute_units="cpuAndGPU", state_dir=tmp_path)
+        pipeline = Pipeline(model, open_runtime(model, config, False))
         images.append(pipeline.generate(request).images[0].astype(int))
         del pipeline  # the runner has 7 GB: one model at a time
     difference = np.abs(images[0] - images[1])

@@ -153,3 +153,13 @@ def test_warm_up_prepares_the_loop_the_first_job_uses(fast) -> None:
     warmed = list(fast.runtime._loops)
     fast.generate(Request("a lighthouse", steps=20, seed=1, width=64, height=64))
     assert list(fast.runtime._loops) == warmed and len(warmed) == 1
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_the_gpu_check_without_torch_agrees_with_the_device_torch_picks(device) -> None:
+    """Whether a pull fetches fp16 weights is decided without importing torch; on this machine the
+    answer must be torch's own (on the GPU machine too, where "auto" picks CUDA)."""
+    from diffusiond.daemon.coreml.hardware import has_gpu
+    from diffusiond.daemon.engine.runtimes.torch_runtime import pick_device
+
+    assert has_gpu(device) == (pick_device(device).type != "cpu")

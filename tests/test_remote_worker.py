@@ -208,6 +208,38 @@ def test_jobs_for_a_folder_on_the_daemon_machine_stay_with_its_own_worker(tmp_pa
     queue.close()
 
 
+def test_a_relative_folder_stays_with_the_daemon_machine_and_shipped_and_hub_models_travel(tmp_path) -> None:
+    """A folder named without a leading / ~ or . (as a script or `diffusiond generate` may give it) is
+    still a folder on this machine: no remote worker can open it."""
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    relative, _ = queue.submit({"prompt": "a"}, "models/sd15/fine-tuned", str(tmp_path), 9, None, None, 100)
+    bare, _ = queue.submit({"prompt": "b"}, "my-model", str(tmp_path), 9, None, None, 100)
+    travelling = [queue.submit({"prompt": name}, name, str(tmp_path), 0, None, None, 100)[0].id
+                  for name in ("tiny", "sd15", "org/name@v2")]
+    assert [queue.claim_next(named_models_only=True).id for _ in range(3)] == travelling
+    assert queue.claim_next(named_models_only=True) is None
+    assert [queue.claim_next().id for _ in range(2)] == [relative.id, bare.id]
+    queue.close()
+
+
+def test_a_queue_made_before_jobs_recorded_where_they_may_run_learns_it_on_open(tmp_path) -> None:
+    """Jobs queued by an older daemon (no `portable` column) are told apart by their model name."""
+    import sqlite3
+
+    path = tmp_path / "queue.sqlite3"
+    old = JobQueue(path)
+    local, _ = old.submit({"prompt": "a"}, "/models/mine", str(tmp_path), 5, None, None, 100)
+    hub, _ = old.submit({"prompt": "b"}, "org/name", str(tmp_path), 0, None, None, 100)
+    old.close()
+    with sqlite3.connect(path) as db:  # the queue as an older daemon left it
+        db.execute("ALTER TABLE jobs DROP COLUMN portable")
+    queue = JobQueue(path)
+    assert queue.claim_next(named_models_only=True).id == hub.id
+    assert queue.claim_next(named_models_only=True) is None
+    assert queue.claim_next().id == local.id
+    queue.close()
+
+
 HELD: dict[str, str] = {}  # the job the fuzzing worker holds, once the daemon gave it one
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=20),
                     st.binary(max_size=20))

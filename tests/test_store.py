@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from diffusiond.daemon.errors import ModelNotDownloaded
 from diffusiond.daemon.models import store
 from diffusiond.daemon.models.catalog import TINY
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
+from diffusiond.daemon.models.ref import parse
 
 from .fake_hub import FakeHub
 
@@ -33,10 +36,16 @@ def test_only_what_the_runtime_loads_is_fetched() -> None:
     assert "safety_checker/model.fp16.safetensors" in gpu
 
 
-def test_hub_ids_are_told_from_folders_and_aliases(tmp_path) -> None:
-    assert store.is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert store.is_hub_id("org/name@main")
-    assert not store.is_hub_id("tiny") and not store.is_hub_id(str(tmp_path)) and not store.is_hub_id("/abs/path")
+def test_hub_ids_are_told_from_folders_and_aliases_by_the_name_alone(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a folder here does not change what the name means
+    assert parse("org/name").repo == "org/name" and parse("org/name").path is None and parse("org/name").portable
+    assert parse("org/name@v2").canonical == "org/name@v2" and parse("org/name@v2").revision == "v2"
+    assert parse("sd15").canonical == "stable-diffusion-v1-5/stable-diffusion-v1-5" and parse("sd15").portable
+    assert parse("tiny").path == TINY and parse("tiny").portable
+    for folder in (str(tmp_path), "/abs/path", "~/models/mine", "./org/name", "../name", "a/b/c", "mine"):
+        ref = parse(folder)
+        assert ref.repo is None and ref.path == Path(folder).expanduser() and not ref.portable, folder
     assert store.split("org/name@v2") == ("org/name", "v2") and store.split("org/name") == ("org/name", None)
 
 

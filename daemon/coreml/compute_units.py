@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..models.coreml_layout import COMPUTE_UNITS, auto_compute_units
+from diffusiond.clients.protocol import AUTO, COMPUTE_UNITS
+
+from ..models.coreml_layout import auto_compute_units
 from .hardware import Machine
 
-CHOICES = tuple(units for units in COMPUTE_UNITS if units != "auto")
 STORE_FILE = "compute_units.json"
 
 
@@ -29,7 +30,7 @@ def read(state_dir: Path) -> dict[str, Any]:
 def winner(state_dir: Path, machine: Machine, model: str) -> str | None:
     """The fastest compute units the bench measured for this model on this kind of machine."""
     entry = read(state_dir).get(machine.key, {}).get(model)
-    return entry["compute_units"] if entry and entry.get("compute_units") in CHOICES else None
+    return entry["compute_units"] if entry and entry.get("compute_units") in COMPUTE_UNITS else None
 
 
 def record(state_dir: Path, machine: Machine, model: str, compute_units: str, seconds_per_image: float, measured: str) -> None:
@@ -46,6 +47,6 @@ def record(state_dir: Path, machine: Machine, model: str, compute_units: str, se
 
 def choose(compute_units: str, state_dir: Path, machine: Machine, model: str) -> str:
     """The compute units to load with: as asked, or for `auto` the bench's winner, else the rule."""
-    if compute_units != "auto":
+    if compute_units != AUTO:
         return compute_units
     return winner(state_dir, machine, model) or auto_compute_units(machine.has_neural_engine, machine.performance_cores)

@@ -246,12 +246,11 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
     from transformers import CLIPTextModel
 
     from ..models import store
-    from ..models.catalog import ALIASES
-    from ..models.catalog import repo_for
+    from ..models.ref import parse
 
-    folder = ALIASES.get(source, Path(source).expanduser())
-    repo = repo_for(source)
-    if store.is_hub_id(repo):
+    ref = parse(source)
+    folder, repo = ref.path, ref.canonical
+    if folder is None:
         try:
             folder = store.local_path(repo) or _pull(store, repo, progress)
         except EngineError:

@@ -1,5 +1,5 @@
-"""Hardware facts that choose Core ML compute units (a pure rule in coreml_layout over these), and
-the machine a bench result belongs to."""
+"""Hardware facts that choose Core ML compute units (a pure rule in coreml_layout over these), the
+machine a bench result belongs to, and whether the torch runtime would find a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 # What `sysctl -n` is asked for; parse_sysctl reads the answers.
 SYSCTL_NAMES = ("machdep.cpu.brand_string", "hw.perflevel0.physicalcpu", "hw.perflevel1.physicalcpu",
@@ -72,3 +73,14 @@ def this_machine() -> Machine:
                    round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3),
                    f"{platform.system()} {platform.release()}", False)
 
+
+def has_gpu(device: str) -> bool:
+    """Whether the torch runtime would run on a GPU (a pull then fetches the fp16 weights), told
+    without importing torch, which takes seconds and which a Mac running Core ML models may lack:
+    an explicit device says; `auto` finds Apple silicon (MPS) or an NVIDIA or ROCm driver, as
+    torch_runtime.pick_device would (given a torch built for that GPU)."""
+    if device != "auto":
+        return not device.startswith("cpu")
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd"))

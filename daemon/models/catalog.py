@@ -58,9 +58,3 @@ def float16_variant(name: str) -> Entry | None:
     entry = lookup(name)
     return next((e for e in CATALOG if entry and e.runtime == "coreml" and e.variant == "float16"
                  and e.description == entry.description), None)
-
-
-def repo_for(name: str) -> str:
-    """The Hub repo an alias stands for; any other name as it is."""
-    entry = lookup(name)
-    return entry.repo if entry else name

@@ -14,7 +14,6 @@ import stat
 import zipfile
 from pathlib import Path
 
-COMPUTE_UNITS = ("cpuAndGPU", "cpuAndNeuralEngine", "all", "cpuOnly", "auto")
 _VARIANTS = ("original", "split_einsum_v2", "split_einsum")
 _FOLDER = re.compile(r"^(original|split_einsum_v2|split_einsum)/(compiled|packages)/")
 _ZIP = re.compile(r"(?:^|_)(original|split_einsum_v2|split_einsum)_(compiled|packages)\.zip$")

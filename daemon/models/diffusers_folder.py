@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
-from . import catalog, store
+from . import store
 from .catalog import ALIASES
 from .coreml_folder import CoreMLFolder, is_coreml_folder
+from .ref import parse
 
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -32,13 +33,13 @@ class ModelFolder:
     def open(cls, name: str) -> ModelFolder | CoreMLFolder:
         """A model by alias, local folder, or Hub id (`org/name[@revision]`) already in the HF cache;
         a folder of Core ML models in Apple's layout opens as a CoreMLFolder."""
-        path = ALIASES.get(name, Path(name).expanduser())
-        repo = catalog.repo_for(name)
-        if store.is_hub_id(repo):
-            cached = store.coreml_local_path(repo) or store.local_path(repo)
-            if cached is None:
+        ref = parse(name)
+        if ref.path is None:
+            path = store.coreml_local_path(ref.canonical) or store.local_path(ref.canonical)
+            if path is None:
                 raise ModelNotDownloaded(f"{name} is not downloaded yet; a job for it downloads it first")
-            path = cached
+        else:
+            path = ref.path
         if is_coreml_folder(path):
             return CoreMLFolder.open(path, name)
         if not (path / "model_index.json").is_file():

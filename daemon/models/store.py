@@ -9,7 +9,6 @@ on a GPU when the repo has one.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 import zipfile
@@ -17,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffusiond.clients.protocol import Code
+
 from ..errors import Cancelled, EngineError, ModelNotFound
 from . import coreml_layout
-from .catalog import ALIASES
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+from .ref import parse
 _SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json")
 _WEIGHTS = {
     "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
@@ -31,20 +30,19 @@ PROGRESS_INTERVAL = 0.25  # seconds between download progress reports
 
 
 class InsufficientDisk(EngineError):
-    code = "insufficient_disk"
+    code = Code.INSUFFICIENT_DISK
 
 
 class DownloadFailed(EngineError):
-    code = "download_failed"
-
-
-def is_hub_id(name: str) -> bool:
-    return name not in ALIASES and not Path(name).expanduser().exists() and bool(HUB_ID.match(name))
+    code = Code.DOWNLOAD_FAILED
 
 
 def split(name: str) -> tuple[str, str | None]:
-    repo, _, revision = name.partition("@")
-    return repo, revision or None
+    """A Hub id's repo and revision."""
+    ref = parse(name)
+    if ref.repo is None:
+        raise ModelNotFound(f"{name!r} is not a Hub id (org/name[@revision]) or a catalog name")
+    return ref.repo, ref.revision
 
 
 def runtime_files(files: list[str], gpu: bool) -> list[str]:
@@ -148,15 +146,14 @@ def coreml_local_path(name: str) -> Path | None:
 
 def pull(
     name: str,
-    gpu: bool | Callable[[], bool],
+    gpu: bool,
     report: Callable[[dict[str, Any]], None],
     cancelled: Callable[[], bool] = lambda: False,
     compute_units: str = "cpuAndGPU",
     keep_archives: bool = False,
 ) -> Path:
     """Download what a runtime needs of a Hub model (files already cached are not fetched again):
-    for a diffusers-format repo the torch runtime's files (`gpu`: fetch the fp16 weights; a callable
-    is asked only then, as deciding needs torch); for a Core ML repo the variant the compute units
+    for a diffusers-format repo the torch runtime's files (`gpu`: fetch the fp16 weights); for a Core ML repo the variant the compute units
     need, its archives unpacked and then removed from the cache unless `keep_archives`. The folder
     to load from."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
@@ -183,7 +180,7 @@ def pull(
             # An archive already unpacked is not needed again (its blob may be gone).
             files = [f for f in files if not (f.endswith(".zip") and (unpacked / Path(f).stem).is_dir())]
         else:
-            files = runtime_files(list(sizes), gpu() if callable(gpu) else gpu)
+            files = runtime_files(list(sizes), gpu)
             if "model_index.json" not in files:
                 raise ModelNotFound(f"{name} is neither a diffusers-format model (no model_index.json) nor a Core ML repo")
         cache = Path(constants.HF_HUB_CACHE)

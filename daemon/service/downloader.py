@@ -16,8 +16,8 @@ import zmq
 
 from diffusiond.clients.protocol import pack
 
-from ..coreml.hardware import this_machine
-from ..engine.runtimes import refuse_palettized, torch_uses_gpu
+from ..coreml.hardware import has_gpu, this_machine
+from ..engine.runtimes import refuse_palettized
 from ..errors import Cancelled, EngineError
 from ..models import catalog, store
 from .worker import WORKER_EVENTS
@@ -60,7 +60,7 @@ class Downloader(threading.Thread):
                 try:
                     refuse_palettized(name, catalog.is_palettized(name), this_machine())
                     path = store.pull(
-                        name, lambda: torch_uses_gpu(self.device),
+                        name, has_gpu(self.device),
                         lambda progress: self._emit(name, {"type": "model.download", **progress}),
                         lambda: name in self.cancelled, compute_units, self.keep_archives,
                     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from diffusiond.clients.protocol import FINISHED, STATES, Code, ProtocolError
 
+from ..models.ref import parse
 from ..outputs import numbered
 
 _SCHEMA = """
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code TEXT,
     error_message TEXT,
     output_name TEXT,
-    planned_outputs TEXT
+    planned_outputs TEXT,
+    portable INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_next ON jobs (state, priority DESC, position);
 CREATE INDEX IF NOT EXISTS jobs_position ON jobs (position);
@@ -113,6 +115,18 @@ class JobQueue:
             if column not in columns:
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         self._depth = 0
+        if "portable" not in columns:
+            self._record_portable()
+
+    def _record_portable(self) -> None:
+        """A queue made before jobs recorded whether a remote worker may run them: each job's model
+        says (once, by whichever connection opens the queue first)."""
+        with self.transaction():
+            if "portable" in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:
+                return
+            self.db.execute("ALTER TABLE jobs ADD COLUMN portable INTEGER")
+            for job_id, model in self.db.execute("SELECT id, model FROM jobs").fetchall():
+                self.db.execute("UPDATE jobs SET portable = ? WHERE id = ?", (parse(model).portable, job_id))
 
     def close(self) -> None:
         self.db.close()
@@ -155,7 +169,8 @@ class JobQueue:
         max_queued: int | None = None,
         output_name: str | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a job; with a key already used, the job that key made, and False."""
+        """Queue a job; with a key already used, the job that key made, and False. The row records
+        whether a remote worker may run it (its model means the same on another machine)."""
         with self.transaction():
             existing = self.find_by_key(idempotency_key) if idempotency_key is not None else None
             if existing is not None:
@@ -165,9 +180,9 @@ class JobQueue:
             job_id = secrets.token_hex(6)
             self.db.execute(
                 "INSERT INTO jobs (id, state, priority, position, model, params, init_image, output_dir,"
-                " idempotency_key, created, output_name) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " idempotency_key, created, output_name, portable) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, priority, self._next_position(), model, json.dumps(params), init_image, output_dir,
-                 idempotency_key, time.time(), output_name),
+                 idempotency_key, time.time(), output_name, parse(model).portable),
             )
             return self.get(job_id), True
 
@@ -213,8 +228,8 @@ class JobQueue:
     def claim_next(self, named_models_only: bool = False) -> Job | None:
         """The next job by priority, then FIFO, now running; None when nothing is queued.
         `named_models_only` is for remote workers: jobs whose model is a folder on this machine
-        (a path: /…, ~…, .…) are left for the local worker."""
-        portable = " AND substr(model, 1, 1) NOT IN ('/', '~', '.')" if named_models_only else ""
+        (models/ref.py) are left for the local worker."""
+        portable = " AND portable" if named_models_only else ""
         with self.transaction():
             job = self._one(f"state = 'queued'{portable} ORDER BY priority DESC, position LIMIT 1")
             if job is None:

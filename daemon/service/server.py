@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 from diffusiond.clients.protocol import (
+    COMPUTE_UNIT_CHOICES,
     DAEMON_TOPIC,
     HARD_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -34,7 +35,7 @@ from diffusiond.clients.protocol import (
 )
 from PIL import Image
 
-from ..config import Config
+from ..config import STOP_GRACE, Config
 from ..coreml.compute_units import choose
 from ..coreml.hardware import this_machine
 from ..engine import schedulers
@@ -42,8 +43,8 @@ from ..engine.pipeline import Request, resolve
 from ..errors import EngineError, ModelNotDownloaded
 from ..models import catalog, store
 from ..models.catalog import ALIASES
-from ..models.coreml_layout import COMPUTE_UNITS
 from ..models.diffusers_folder import ModelFolder
+from ..models.ref import parse
 from .downloader import Downloader
 from .notify import notify
 from .queue import JobQueue
@@ -58,9 +59,6 @@ BATCH = 512  # requests handled per commit at most
 MAX_INIT_IMAGE_SIDE = 4096
 MAX_PRIORITY = 1000
 MAX_LIST = 1000
-# Seconds a stop waits for the worker to reach a point between model calls; a call that runs
-# longer (one step of a huge image on the CPU) is abandoned and its job queued again.
-STOP_GRACE = 5.0
 CANCEL_PENDING = ("job {job} stops before its next model call (each denoising step is one, the VAE decode "
                   "another); a call under way is not interrupted, so on a slow machine that can take a while")
 # Each job field's wire type: a value of another type is `bad_message`, one outside its limits
@@ -125,7 +123,7 @@ class Server:
         """Run until shutdown or SIGTERM; 0 for a requested stop."""
         runtime_dir = secure_runtime_dir(self.config.runtime_dir)
         lock = hold_lock(runtime_dir)
-        if not store.is_hub_id(self.config.model):
+        if parse(self.config.model).repo is None:
             self._model(self.config.model)  # a missing default model stops the start, with the reason
         self.context = zmq.Context()
         router, events = bind(self.context, runtime_dir)
@@ -371,7 +369,7 @@ class Server:
         ):
             raise ProtocolError(Code.INVALID_PARAMETER, f"output_name: a file name of 1 to {MAX_OUTPUT_NAME} bytes "
                                 "of UTF-8, without / or \\, not starting with a dot")
-        if self.remote_request and not (model_name in ALIASES or catalog.lookup(model_name) or store.is_hub_id(model_name)):
+        if self.remote_request and not parse(model_name).portable:
             raise ProtocolError(Code.INVALID_PARAMETER, "model: from another machine, a catalog name or a Hub id")
         key = _field(message, "idempotency_key", str)
         if key is not None and not 0 < len(key) <= 256:
@@ -448,7 +446,7 @@ class Server:
     def _op_cancel(self, message: dict[str, Any]) -> dict[str, Any]:
         if "model" in message:
             model = _field(message, "model", str)
-            self.downloader.cancel(catalog.repo_for(model))
+            self.downloader.cancel(parse(model).canonical)
             return {"model": model}
         if _field(message, "all_queued", bool, False):
             ids = self.queue.cancel_queued()
@@ -499,17 +497,17 @@ class Server:
         return {"models": models, "loaded": loaded}
 
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
-        name = catalog.repo_for(_required(message, "model", str))
+        name = parse(_required(message, "model", str)).canonical
         units = _field(message, "compute_units", str, self.config.compute_units)
-        if units not in COMPUTE_UNITS:
-            raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNITS)}")
-        if not store.is_hub_id(name):
+        if units not in COMPUTE_UNIT_CHOICES:
+            raise ProtocolError(Code.INVALID_PARAMETER, f"compute_units: one of {', '.join(COMPUTE_UNIT_CHOICES)}")
+        if parse(name).repo is None:
             raise ProtocolError(Code.INVALID_PARAMETER, f"model: {name!r} is not a Hub id (org/name) or a catalog alias")
         self.downloader.pull(name, choose(units, self.config.state_dir, this_machine(), name))
         return {"pulling": name, "topic": f"model.{name}"}
 
     def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:
-        name = catalog.repo_for(_required(message, "model", str))
+        name = parse(_required(message, "model", str)).canonical
         if name in self.worker.loaded:
             raise ProtocolError(Code.INVALID_STATE, f"{name} is loaded; load another model first")
         self.models.pop(name, None)

@@ -17,6 +17,7 @@ from ..engine.pipeline import Pipeline
 from ..errors import ModelNotDownloaded
 from ..models import catalog, store
 from ..models.diffusers_folder import ModelFolder
+from ..models.ref import parse
 
 log = logging.getLogger("diffusiond.warm")
 Emit = Callable[[bytes, dict[str, Any]], None]
@@ -57,8 +58,8 @@ class WarmModels:
 
     def _load(self, name: str, cancelled: Callable[[], bool]) -> None:
         from ..coreml.compute_units import choose
-        from ..coreml.hardware import this_machine
-        from ..engine.runtimes import open_runtime, refuse_palettized, torch_uses_gpu
+        from ..coreml.hardware import has_gpu, this_machine
+        from ..engine.runtimes import open_runtime, refuse_palettized
 
         topic = f"model.{name}".encode()
         try:
@@ -69,7 +70,7 @@ class WarmModels:
             self.emit(topic, {"type": "model.downloading", "model": name})
             units = choose(self.config.compute_units, self.config.state_dir, machine, name)
             store.pull(
-                catalog.repo_for(name), lambda: torch_uses_gpu(self.config.device),
+                parse(name).canonical, has_gpu(self.config.device),
                 lambda progress: self.emit(topic, {"type": "model.download", **progress}), cancelled, units,
                 self.config.keep_archives,
             )
@@ -79,13 +80,7 @@ class WarmModels:
             self.unload(next(iter(self.pipelines)), "least recently used")
         self.emit(topic, {"type": "model.loading", "model": name})
         started = time.monotonic()
-        options = {}
-        if model.runtime == "torch":  # a Mac running Core ML models only may have no torch
-            from ..engine.runtimes.torch_runtime import TorchSettings
-
-            options["settings"] = TorchSettings.from_config(self.config)
-        runtime = open_runtime(model, self.config.runtime, self.config.device, self.config.compute_units,
-                               model.has_safety_checker, self.config.state_dir, **options)
+        runtime = open_runtime(model, self.config, model.has_safety_checker)
         if getattr(runtime, "has_warm_up", False):
             # Compiling and capturing graphs for the model's own size: paid once, here, not by a job.
             self.emit(topic, {"type": "model.compiling", "model": name})

@@ -6,14 +6,14 @@ Each runtime implements :class:`Runtime`; the arrays are float32 except token id
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ...errors import ModelInvalid
 
 if TYPE_CHECKING:
+    from ...config import Config
     from ...coreml.hardware import Machine
     from ...models.coreml_folder import CoreMLFolder
     from ...models.diffusers_folder import ModelFolder
@@ -57,18 +57,11 @@ class Runtime(Protocol):
         """Compile and capture for one request shape, before any job pays for it; the seconds it took."""
 
 
-def open_runtime(
-    model: ModelFolder | CoreMLFolder,
-    runtime: str,
-    device: str,
-    compute_units: str,
-    with_safety_checker: bool,
-    state_dir: Path,
-    **torch_options: Any,
-) -> Runtime:
-    """The runtime a model needs: Core ML models on coreml (with `auto` compute units resolved from
-    the bench store in `state_dir`, else the rule), diffusers-format ones on torch (`torch_options`
-    go to TorchRuntime). The config's `runtime` only refuses a mismatch, saying what to do."""
+def open_runtime(model: ModelFolder | CoreMLFolder, config: Config, with_safety_checker: bool) -> Runtime:
+    """The runtime a model needs, set up as the config says: Core ML models on coreml (compute
+    units resolved by coreml.compute_units), diffusers-format ones on torch (TorchSettings from the
+    config). The one place a runtime is assembled: the daemon, `diffusiond generate` and the
+    benches differ only in their config. The config's `runtime` only refuses a mismatch."""
     from ...models.coreml_folder import CoreMLFolder
 
     if isinstance(model, CoreMLFolder):
@@ -78,13 +71,14 @@ def open_runtime(
 
         machine = this_machine()
         refuse_palettized(model.name, model.palettized, machine)
-        return CoreMLRuntime(model, choose(compute_units, state_dir, machine, model.name), with_safety_checker)
-    if runtime == "coreml":
+        units = choose(config.compute_units, config.state_dir, machine, model.name)
+        return CoreMLRuntime(model, units, with_safety_checker)
+    if config.runtime == "coreml":
         raise ModelInvalid(f"{model.name} is a diffusers-format model and the runtime is coreml: convert it first "
                            f"(diffusiond convert {model.path} --out DIR) and use DIR as the model")
-    from .torch_runtime import TorchRuntime
+    from .torch_runtime import TorchRuntime, TorchSettings
 
-    return TorchRuntime(model.path, device, with_safety_checker=with_safety_checker, **torch_options)
+    return TorchRuntime(model.path, config.device, with_safety_checker, TorchSettings.from_config(config))
 
 
 def refuse_palettized(name: str, palettized: bool, machine: Machine) -> None:
@@ -97,11 +91,3 @@ def refuse_palettized(name: str, palettized: bool, machine: Machine) -> None:
         use = f"use {instead.alias} ({instead.repo}), its float16 variant," if instead else "use a float16 Core ML model"
         raise ModelInvalid(f"{name} has palettized weights, which Core ML runs from macOS 14 on, and this Mac has "
                            f"{machine.os}: {use} or update macOS")
-
-
-def torch_uses_gpu(device: str) -> bool:
-    """Whether the torch runtime would run on a GPU (fp16 weights are then fetched): asked of the
-    torch runtime only when a diffusers-format model is pulled, so Core ML alone needs no torch."""
-    from .torch_runtime import pick_device
-
-    return pick_device(device).type != "cpu"

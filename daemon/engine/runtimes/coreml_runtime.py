@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from diffusiond.clients.protocol import COMPUTE_UNITS
 
 from ...errors import InvalidParameter, ModelInvalid
 from ...models.coreml_folder import CoreMLFolder, Description
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from ..linear_steps import LinearPlan
     from . import BeforeStep, StepCallback
 
-COMPUTE_UNITS = {"cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL", "cpuOnly": "CPU_ONLY"}
+# coremltools' ComputeUnit for each of our names (clients.protocol.COMPUTE_UNITS)
+_CORE_ML_NAMES = {"cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL", "cpuOnly": "CPU_ONLY"}
 Feed = dict[str, np.ndarray]
 
 
@@ -95,7 +97,7 @@ def _load(path: Path, compute_units: str, name: str) -> Any:
                            f"its diffusers-format original with the torch runtime")
     import coremltools as ct
 
-    units = ct.ComputeUnit[COMPUTE_UNITS[compute_units]]
+    units = ct.ComputeUnit[_CORE_ML_NAMES[compute_units]]
     if path.suffix == ".mlmodelc":
         return ct.models.CompiledMLModel(str(path), units)
     return ct.models.MLModel(str(path), compute_units=units)

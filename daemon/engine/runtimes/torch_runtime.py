@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ...config import TORCH_SETTINGS, check_choice
 from ...errors import ModelInvalid
 from ..linear_steps import LinearPlan
 from . import BeforeStep, StepCallback
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diffusiond.torch")
 _Network = TypeVar("_Network")
-SWITCHES = ("auto", "on", "off")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_LOOPS = 4  # captured loops (one per latent shape and step bucket) kept; each holds a graph's memory
 
@@ -59,17 +59,13 @@ class TorchSettings:
     compile_cache: Path | None = None  # inductor's on-disk cache, so a restart skips most compiling
 
     def __post_init__(self) -> None:
-        if self.precision != "auto" and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
-        for name in ("compile", "cuda_graphs", "channels_last", "device_loop"):
-            if getattr(self, name) not in SWITCHES:
-                raise ValueError(f"{name} must be one of {', '.join(SWITCHES)}; got {getattr(self, name)!r}")
+        for name, allowed in TORCH_SETTINGS.items():
+            check_choice(name, getattr(self, name), allowed)
 
     @classmethod
     def from_config(cls, config: Config) -> TorchSettings:
         """The settings a daemon Config states (docs/gpu.md)."""
-        names = ("precision", "compile", "cuda_graphs", "channels_last", "device_loop")
-        return cls(**{name: getattr(config, name) for name in names}, compile_cache=config.state_dir / "compiled")
+        return cls(**{name: getattr(config, name) for name in TORCH_SETTINGS}, compile_cache=config.state_dir / "compiled")
 
     def on(self, name: str, device: torch.device) -> bool:
         value = getattr(self, name)

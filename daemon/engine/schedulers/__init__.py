@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # the registry's names are read by command lines that must start without NumPy
+    import numpy as np
 
-Noise = Callable[[tuple[int, ...]], np.ndarray]
+Noise = Callable[[tuple[int, ...]], "np.ndarray"]
 
 
 class Scheduler(Protocol):
