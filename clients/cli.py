@@ -23,7 +23,7 @@ from typing import Any
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
 from .infotext import job_settings, parse_infotext, parse_size
 from .pngtext import read_text
-from .protocol import STATES, unpack
+from .protocol import STATES, Event
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
@@ -270,13 +270,13 @@ def _describe(event: dict[str, Any]) -> str:
     kind = event.get("type", "?")
     subject = event.get("job") or event.get("model") or ""
     detail = ""
-    if kind == "job.progress":
+    if kind == Event.JOB_PROGRESS:
         detail = f"{event['step']}/{event['total']} ETA {event['eta']:.1f}s"
-    elif kind == "job.done":
+    elif kind == Event.JOB_DONE:
         detail = " ".join(event.get("outputs", []))
-    elif kind == "job.failed":
+    elif kind == Event.JOB_FAILED:
         detail = f"{event.get('code')}: {event.get('message')}"
-    elif kind == "job.resync":
+    elif kind == Event.JOB_RESYNC:
         now = event["state"]["state"]
         detail = f"(events were missed; now {now})" if event.get("missed", True) else f"is {now}"
     if event.get("worker"):
@@ -338,26 +338,19 @@ def _models(client: Client, args: argparse.Namespace) -> int:
 
 def _pull(client: Client, args: argparse.Namespace) -> int:
     """Ask the daemon to pull, then follow its model events with a bar, with a deadline if asked."""
-    events = client.subscribe([b"model."])
-    try:
-        topic = client.call("pull", model=args.name, compute_units=args.compute_units)["topic"].encode()
+    with client.subscribe([b"model."]) as events:
+        name = client.call("pull", model=args.name, compute_units=args.compute_units)["pulling"]
         progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
         try:
-            while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not events.poll(None if wait is None else int(wait * 1000)):
-                    raise WaitTimeout(f"the pull of {args.name} goes on after {args.timeout:g}s")
-                got, body = events.recv_multipart()
-                if got != topic:
+            for event in events.until(None if args.timeout is None else time.monotonic() + args.timeout):
+                if event.get("model") != name:
                     continue
-                event = unpack(body)
                 progress(event)
-                if event["type"] == "model.downloaded":
+                if event["type"] == Event.MODEL_DOWNLOADED:
                     progress.end()
                     _print_json(event) if args.json else print(event["path"])
                     return EXIT_DONE
-                if event["type"] == "model.download_failed":
+                if event["type"] == Event.MODEL_DOWNLOAD_FAILED:
                     progress.end()
                     print(f"diffuse: {event['message']} ({event['code']})", file=sys.stderr)
                     return EXIT_CANCELLED if event["code"] == "cancelled" else EXIT_FAILED
@@ -366,8 +359,8 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
             client.call("cancel", model=args.name)
             print(f"diffuse: cancelled the pull of {args.name}; files that arrived whole are kept", file=sys.stderr)
             return EXIT_CANCELLED
-    finally:
-        events.close()
+    progress.end()
+    raise WaitTimeout(f"the pull of {args.name} goes on after {args.timeout:g}s")
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
