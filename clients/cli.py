@@ -367,7 +367,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "submit":
         return _submit(client, args)
     if args.command == "jobs":
-        listing = client.list(args.state, args.limit, args.offset)
+        listing = client.jobs(args.state, args.limit, args.offset)
         if args.json:
             _print_json(listing)
         else:

@@ -268,7 +268,8 @@ class Client:
     def get(self, job_id: str) -> dict[str, Any]:
         return self.call("get", job=job_id)["job"]
 
-    def list(self, states: list[str] | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def jobs(self, states: list[str] | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A page of jobs, newest first (``jobs``), and how many there are in each state (``counts``)."""
         fields: dict[str, Any] = {"limit": limit, "offset": offset}
         if states:
             fields["states"] = states
