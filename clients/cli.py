@@ -20,29 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .arguments import path_argument, size_argument
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
-from .infotext import job_settings, parse_infotext, parse_size
+from .infotext import job_settings, parse_infotext
+from .progress import Progress
 from .pngtext import read_text
 from .protocol import STATES, Event
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models")
-
-
-def size_argument(text: str) -> tuple[int, int]:
-    """argparse type of --size (also used by `diffusiond generate`)."""
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-
-
-def path_argument(text: str) -> Path:
-    """argparse type of a path: an empty one would quietly mean the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; name a file or folder (`.` for this folder)")
-    return Path(text)
 
 
 def _seconds(text: str) -> float:
@@ -166,50 +153,12 @@ def model_name(text: str) -> str:
     return text
 
 
-class Progress:
-    """One redrawn stderr line: model loading first when it comes, then step/total and ETA."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.drawn = False
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        where = f" on {event['worker']}" if event.get("worker") else ""  # a remote worker's
-        if kind == "model.downloading":
-            self._draw(f"downloading {event['model']} …")
-        elif kind == "model.download":
-            mb = 1024 * 1024
-            self._draw(f"downloading {event['model']}: {event['bytes'] / mb:.1f}/{event['total'] / mb:.1f} MB "
-                       f"at {event['rate'] / mb:.1f} MB/s {event['file']}")
-        elif kind == "model.loading":
-            self._draw(f"loading model {event['model']}{where} …")
-        elif kind == "model.compiling":
-            self._draw(f"compiling model {event['model']}{where} for its GPU (once per model and size) …")
-        elif kind == "job.started":
-            self._draw(f"started{where}")
-        elif kind == "job.progress":
-            filled = 30 * event["step"] // event["total"]
-            self._draw(f"step {event['step']:>3}/{event['total']} [{'#' * filled}{'.' * (30 - filled)}] "
-                       f"ETA {event['eta']:4.1f}s{where}")
-
-    def _draw(self, text: str) -> None:
-        if self.enabled:
-            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
-            self.drawn = True
-
-    def end(self) -> None:
-        if self.drawn:
-            print(file=sys.stderr, flush=True)
-            self.drawn = False
-
-
 def _submit(client: Client, args: argparse.Namespace) -> int:
     job = client.submit(**_fields(args))
     if args.no_wait:
         _print_json(job) if args.json else print(job["id"])
         return EXIT_DONE
-    progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
+    progress = Progress(quiet=args.json)
     try:
         done = client.wait(job["id"], on_event=progress, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -340,7 +289,7 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
     """Ask the daemon to pull, then follow its model events with a bar, with a deadline if asked."""
     with client.subscribe([b"model."]) as events:
         name = client.call("pull", model=args.name, compute_units=args.compute_units)["pulling"]
-        progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
+        progress = Progress(quiet=args.json)
         try:
             for event in events.until(None if args.timeout is None else time.monotonic() + args.timeout):
                 if event.get("model") != name:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from diffusiond.clients.cli import Progress, path_argument, size_argument
+from diffusiond.clients.arguments import path_argument, size_argument
+from diffusiond.clients.progress import Progress
+from diffusiond.clients.protocol import Event
 
 from .config import Limits
 from .engine import schedulers
@@ -120,12 +121,11 @@ def _generate(args: argparse.Namespace) -> int:
     runtime = open_runtime(model, model.runtime, args.device, args.compute_units,
                            model.has_safety_checker and request.safety_checker, load().state_dir, **options)
     pipeline = Pipeline(model, runtime)
-    # A redrawn bar for a terminal only: into a pipe or a log it would be terminal escapes.
-    progress, started = Progress(enabled=sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1"), time.monotonic()
+    progress, started = Progress(), time.monotonic()
 
     def on_step(step: int, total: int, _latents: object) -> None:
         eta = (time.monotonic() - started) / step * (total - step)
-        progress({"type": "job.progress", "step": step, "total": total, "eta": eta})
+        progress({"type": Event.JOB_PROGRESS, "step": step, "total": total, "eta": eta})
 
     try:
         result = pipeline.generate(request, on_step=on_step)
