@@ -20,29 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .arguments import model_name, path_argument, size_argument
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
-from .infotext import job_settings, parse_infotext, parse_size
+from .infotext import job_settings, parse_infotext
+from .progress import Progress
 from .pngtext import read_text
-from .protocol import COMPUTE_UNIT_CHOICES, STATES, unpack
+from .protocol import COMPUTE_UNIT_CHOICES, STATES, Event
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models")
-
-
-def size_argument(text: str) -> tuple[int, int]:
-    """argparse type of --size (also used by `diffusiond generate`)."""
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-
-
-def path_argument(text: str) -> Path:
-    """argparse type of a path: an empty one would quietly mean the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; name a file or folder (`.` for this folder)")
-    return Path(text)
 
 
 def _seconds(text: str) -> float:
@@ -158,59 +145,12 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def model_name(text: str) -> str:
-    """A model as the daemon must see it: a folder here — named like a path, or existing — as its
-    absolute path (as -o and --init-image are), anything else (alias, Hub id) as given."""
-    path = Path(text).expanduser()
-    if text.startswith((".", "/", "~")) or path.is_dir():
-        return str(path.resolve())
-    return text
-
-
-class Progress:
-    """One redrawn stderr line: model loading first when it comes, then step/total and ETA."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.drawn = False
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        where = f" on {event['worker']}" if event.get("worker") else ""  # a remote worker's
-        if kind == "model.downloading":
-            self._draw(f"downloading {event['model']} …")
-        elif kind == "model.download":
-            mb = 1024 * 1024
-            self._draw(f"downloading {event['model']}: {event['bytes'] / mb:.1f}/{event['total'] / mb:.1f} MB "
-                       f"at {event['rate'] / mb:.1f} MB/s {event['file']}")
-        elif kind == "model.loading":
-            self._draw(f"loading model {event['model']}{where} …")
-        elif kind == "model.compiling":
-            self._draw(f"compiling model {event['model']}{where} for its GPU (once per model and size) …")
-        elif kind == "job.started":
-            self._draw(f"started{where}")
-        elif kind == "job.progress":
-            filled = 30 * event["step"] // event["total"]
-            self._draw(f"step {event['step']:>3}/{event['total']} [{'#' * filled}{'.' * (30 - filled)}] "
-                       f"ETA {event['eta']:4.1f}s{where}")
-
-    def _draw(self, text: str) -> None:
-        if self.enabled:
-            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
-            self.drawn = True
-
-    def end(self) -> None:
-        if self.drawn:
-            print(file=sys.stderr, flush=True)
-            self.drawn = False
-
-
 def _submit(client: Client, args: argparse.Namespace) -> int:
     job = client.submit(**_fields(args))
     if args.no_wait:
         _print_json(job) if args.json else print(job["id"])
         return EXIT_DONE
-    progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
+    progress = Progress(quiet=args.json)
     try:
         done = client.wait(job["id"], on_event=progress, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -271,13 +211,13 @@ def _describe(event: dict[str, Any]) -> str:
     kind = event.get("type", "?")
     subject = event.get("job") or event.get("model") or ""
     detail = ""
-    if kind == "job.progress":
+    if kind == Event.JOB_PROGRESS:
         detail = f"{event['step']}/{event['total']} ETA {event['eta']:.1f}s"
-    elif kind == "job.done":
+    elif kind == Event.JOB_DONE:
         detail = " ".join(event.get("outputs", []))
-    elif kind == "job.failed":
+    elif kind == Event.JOB_FAILED:
         detail = f"{event.get('code')}: {event.get('message')}"
-    elif kind == "job.resync":
+    elif kind == Event.JOB_RESYNC:
         now = event["state"]["state"]
         detail = f"(events were missed; now {now})" if event.get("missed", True) else f"is {now}"
     if event.get("worker"):
@@ -339,26 +279,19 @@ def _models(client: Client, args: argparse.Namespace) -> int:
 
 def _pull(client: Client, args: argparse.Namespace) -> int:
     """Ask the daemon to pull, then follow its model events with a bar, with a deadline if asked."""
-    events = client.subscribe([b"model."])
-    try:
-        topic = client.call("pull", model=args.name, compute_units=args.compute_units)["topic"].encode()
-        progress = Progress(enabled=not args.json and sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1")
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with client.subscribe([b"model."]) as events:
+        name = client.call("pull", model=args.name, compute_units=args.compute_units)["pulling"]
+        progress = Progress(quiet=args.json)
         try:
-            while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not events.poll(None if wait is None else int(wait * 1000)):
-                    raise WaitTimeout(f"the pull of {args.name} goes on after {args.timeout:g}s")
-                got, body = events.recv_multipart()
-                if got != topic:
+            for event in events.until(None if args.timeout is None else time.monotonic() + args.timeout):
+                if event.get("model") != name:
                     continue
-                event = unpack(body)
                 progress(event)
-                if event["type"] == "model.downloaded":
+                if event["type"] == Event.MODEL_DOWNLOADED:
                     progress.end()
                     _print_json(event) if args.json else print(event["path"])
                     return EXIT_DONE
-                if event["type"] == "model.download_failed":
+                if event["type"] == Event.MODEL_DOWNLOAD_FAILED:
                     progress.end()
                     print(f"diffuse: {event['message']} ({event['code']})", file=sys.stderr)
                     return EXIT_CANCELLED if event["code"] == "cancelled" else EXIT_FAILED
@@ -367,15 +300,15 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
             client.call("cancel", model=args.name)
             print(f"diffuse: cancelled the pull of {args.name}; files that arrived whole are kept", file=sys.stderr)
             return EXIT_CANCELLED
-    finally:
-        events.close()
+    progress.end()
+    raise WaitTimeout(f"the pull of {args.name} goes on after {args.timeout:g}s")
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "submit":
         return _submit(client, args)
     if args.command == "jobs":
-        listing = client.list(args.state, args.limit, args.offset)
+        listing = client.jobs(args.state, args.limit, args.offset)
         if args.json:
             _print_json(listing)
         else:

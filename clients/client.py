@@ -5,13 +5,17 @@
         job = client.submit("a lighthouse at dusk", steps=25, seed=42)
         done = client.wait(job["id"], on_event=print)
         print(done["outputs"])
+        with client.subscribe([b"model."]) as events:  # live once it returns
+            for event in events.until(time.monotonic() + 60):  # what comes within a minute
+                print(event["type"])
 
-Every call has a deadline; nothing here blocks forever.
+Every request has a deadline; a wait for events has one unless you ask for none (None).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,8 +31,11 @@ from .protocol import (
     HARD_MESSAGE_BYTES,
     VERSION,
     Code,
+    Event,
     default_runtime_dir,
     endpoints,
+    job_topic,
+    model_topic,
     pack,
     unpack,
 )
@@ -68,7 +75,9 @@ class JobCancelled(ClientError):
         self.job = job
 
 
-_TERMINAL_EVENTS = {"job.done", "job.failed", "job.cancelled"}
+_TERMINAL_EVENTS = {Event.JOB_DONE, Event.JOB_FAILED, Event.JOB_CANCELLED}
+# After these the daemon counts the job's topic from 1 again (a retried or requeued job runs again).
+_LAST_OF_A_RUN = {*_TERMINAL_EVENTS, Event.JOB_REQUEUED}
 
 
 def _unsendable(name: str, value: Any) -> str | None:
@@ -98,6 +107,58 @@ def _key_pair(path: Path) -> tuple[bytes, bytes]:
     if secret is None:
         raise ClientError(f"{path} holds no secret key: give the client its .key_secret file")
     return public, secret
+
+
+class Subscription:
+    """Events of some topics, live from the moment `Client.subscribe` returns it: each a dict, each
+    wait with a deadline. Where the daemon dropped some of a job's events (a jump in its topic's
+    ``topic_seq``: PUB drops for a subscriber that falls behind), a ``job.resync`` carrying the job
+    from `get` comes before the event that showed the gap. Close it, or use it in a ``with``."""
+
+    def __init__(self, socket: zmq.Socket, get: Callable[[str], dict[str, Any]] | None) -> None:
+        self._socket = socket
+        self._get = get  # None: no resync
+        self._last: dict[bytes, int] = {}  # a job topic → the topic_seq seen last
+        self._held: dict[str, Any] | None = None  # the event that showed a gap, due after its resync
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event; None when none comes within ``timeout`` seconds (None: no limit)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        if not self._socket.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))):
+            return None
+        topic, body = self._socket.recv_multipart()
+        event: dict[str, Any] = unpack(body)
+        if self._get is None or not topic.startswith(b"job."):
+            return event
+        seen = self._last.get(topic)
+        self._last[topic] = event.get("topic_seq", 0)
+        if event.get("type") in _LAST_OF_A_RUN:
+            del self._last[topic]
+        if seen is None or event.get("topic_seq") == seen + 1:
+            return event
+        self._held = event
+        job_id = topic.decode().removeprefix("job.")
+        return {"type": Event.JOB_RESYNC, "job": job_id, "state": self._get(job_id), "missed": True}
+
+    def until(self, deadline: float | None) -> Iterator[dict[str, Any]]:
+        """Events as they come, until none has come by ``deadline`` (a `time.monotonic()` time;
+        None: for ever). A deadline already past yields only what has arrived."""
+        while (event := self.next(None if deadline is None else deadline - time.monotonic())) is not None:
+            yield event
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.until(None)
 
 
 class Client:
@@ -207,7 +268,8 @@ class Client:
     def get(self, job_id: str) -> dict[str, Any]:
         return self.call("get", job=job_id)["job"]
 
-    def list(self, states: list[str] | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def jobs(self, states: list[str] | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A page of jobs, newest first (``jobs``), and how many there are in each state (``counts``)."""
         fields: dict[str, Any] = {"limit": limit, "offset": offset}
         if states:
             fields["states"] = states
@@ -228,23 +290,22 @@ class Client:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self.call("retry", job=job_id)["job"]
 
-    def subscribe(self, topics: list[bytes], timeout: float | None = None) -> zmq.Socket:
-        """A SUB socket whose subscription is live: it has seen its own `ping` announcement."""
+    def subscribe(self, topics: list[bytes], timeout: float | None = None, resync: bool = True) -> Subscription:
+        """A subscription that is live (it has seen its own `ping` announcement) within ``timeout``
+        seconds, else DaemonUnreachable. ``resync``: a ``job.resync`` where a job's events were lost."""
         socket = self._socket_of(zmq.SUB)
         for topic in (*topics, DAEMON_TOPIC):
             socket.setsockopt(zmq.SUBSCRIBE, topic)
         socket.connect(self.event_endpoint)
+        subscription = Subscription(socket, self.get if resync else None)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
             token = self.call("ping", announce=True)["id"]
-            until = min(deadline, time.monotonic() + 0.25)
-            while (remaining := until - time.monotonic()) > 0 and socket.poll(int(remaining * 1000) + 1):
-                _, body = socket.recv_multipart()
-                event = unpack(body)
-                if event.get("type") == "daemon.ping" and event.get("token") == token:
+            for event in subscription.until(min(deadline, time.monotonic() + 0.25)):
+                if event.get("type") == Event.DAEMON_PING and event.get("token") == token:
                     socket.setsockopt(zmq.UNSUBSCRIBE, DAEMON_TOPIC)
-                    return socket
-        socket.close()
+                    return subscription
+        subscription.close()
         raise self._unreachable("its event socket did not confirm the subscription")
 
     def events(
@@ -256,32 +317,20 @@ class Client:
         job, it yields that job's current state first, and stops after the job finishes.
         """
         if topics is None:
-            topics = [f"job.{job_id}".encode()] if job_id else [b"job.", b"model.", DAEMON_TOPIC]
-        socket = self.subscribe(topics)
-        last: dict[bytes, int] = {}
-        try:
+            topics = [job_topic(job_id)] if job_id else [b"job.", b"model.", DAEMON_TOPIC]
+        with self.subscribe(topics) as subscription:
             if job_id:
                 job = self.get(job_id)
-                yield {"type": "job.resync", "job": job_id, "state": job, "missed": False}
+                yield {"type": Event.JOB_RESYNC, "job": job_id, "state": job, "missed": False}
                 if job["state"] in FINISHED:
                     return
             while True:
-                if not socket.poll(None if timeout is None else int(timeout * 1000)):
+                event = subscription.next(timeout)
+                if event is None:
                     raise WaitTimeout(f"no event within {timeout:g}s")
-                topic, body = socket.recv_multipart()
-                event = unpack(body)
-                seen = last.get(topic)
-                if seen is not None and event.get("topic_seq") != seen + 1 and topic.startswith(b"job."):
-                    missed = topic.decode().removeprefix("job.")
-                    yield {"type": "job.resync", "job": missed, "state": self.get(missed), "missed": True}
-                last[topic] = event.get("topic_seq", 0)
-                if event.get("type") in _TERMINAL_EVENTS or event.get("type") == "job.requeued":
-                    del last[topic]  # the daemon starts this topic's count again
                 yield event
                 if job_id and event.get("job") == job_id and event.get("type") in _TERMINAL_EVENTS:
                     return
-        finally:
-            socket.close()
 
     def wait(
         self,
@@ -296,24 +345,22 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self.get(job_id)
-        topics = [f"job.{job_id}".encode(), f"model.{job['model']}".encode()]
-        socket = self.subscribe(topics)
-        try:
+        with self.subscribe([job_topic(job_id), model_topic(job["model"])]) as subscription:
             job = self.get(job_id)  # anything that happened before the subscription went live
             while job["state"] not in FINISHED:
                 wait = poll_every if deadline is None else min(poll_every, deadline - time.monotonic())
                 if wait <= 0:
                     raise WaitTimeout(f"job {job_id} is still {job['state']} after {timeout:g}s")
-                if socket.poll(int(wait * 1000) + 1):
-                    _, body = socket.recv_multipart()
-                    event = unpack(body)
+                event = subscription.next(wait)
+                if event is not None and event.get("type") == Event.JOB_RESYNC:
+                    job = event["state"]
+                    continue
+                if event is not None:
                     if on_event is not None:
                         on_event(event)
                     if event.get("type") not in _TERMINAL_EVENTS:
                         continue
                 job = self.get(job_id)
-        finally:
-            socket.close()
         if job["state"] == "failed":
             raise JobFailed(job)
         if job["state"] == "cancelled":

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .client import Client, DaemonUnreachable, RequestFailed
+from .client import Client, DaemonUnreachable, RequestFailed, Subscription
 from .infotext import job_settings, parse_infotext
-from .protocol import FINISHED, unpack
+from .protocol import FINISHED, Event
 
 # A file is ready once its size and modification time have held still for `settle` seconds, and,
 # where the OS reports closes (Linux), after its writer closed it: a writer that appends in several
@@ -113,7 +113,7 @@ class HotFolder:
         self.waiting: dict[Path, Waiting] = {}  # not yet ready
         self.pending: dict[Path, Pending] = {}  # submitted or about to be, until moved away
         self.daemon_down = False  # said "waiting" once; says "daemon back" when it answers again
-        self.events: Any = None  # a live job-event subscription, once the daemon has answered
+        self.events: Subscription | None = None  # live job events, once the daemon has answered
         self.last_line: dict[str, float] = {}  # job id → when its last progress line went out
 
     # -- arrival ----------------------------------------------------------------------------
@@ -236,19 +236,17 @@ class HotFolder:
             if self.daemon_down or not self.pending:
                 return
             try:
-                self.events = self.client.subscribe([b"job."], timeout=2)
+                # No resync: the queue, read by _advance, is this loop's record; events only add lines.
+                self.events = self.client.subscribe([b"job."], timeout=2, resync=False)
             except DaemonUnreachable:
                 return
         files = {item.job_id: item.path.name for item in self.pending.values() if item.job_id}
         now = time.monotonic()
-        deadline = now + (1.0 if until_done in self.last_line else 0.0)
-        while self.events.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            _, body = self.events.recv_multipart()
-            event = unpack(body)
+        for event in self.events.until(now + (1.0 if until_done in self.last_line else 0.0)):
             job = event.get("job")
-            if job == until_done and event.get("type") in ("job.done", "job.failed", "job.cancelled"):
+            if job == until_done and event.get("type") in (Event.JOB_DONE, Event.JOB_FAILED, Event.JOB_CANCELLED):
                 break
-            if event.get("type") != "job.progress" or job not in files:
+            if event.get("type") != Event.JOB_PROGRESS or job not in files:
                 continue
             # At most a line a second per file, and the last step always.
             if event["step"] == event["total"] or now - self.last_line.get(job, 0.0) >= 1.0:

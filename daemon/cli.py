@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from diffusiond.clients.cli import Progress, model_name, path_argument, size_argument
-from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code
+from diffusiond.clients.arguments import model_name, path_argument, size_argument
+from diffusiond.clients.progress import Progress
+from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code, Event
 
 from .config import STOP_GRACE, Limits
 from .engine import schedulers
@@ -119,12 +119,11 @@ def _generate(args: argparse.Namespace) -> int:
                        compile="off", cuda_graphs="off")
     runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
     pipeline = Pipeline(model, runtime)
-    # A redrawn bar for a terminal only: into a pipe or a log it would be terminal escapes.
-    progress, started = Progress(enabled=sys.stderr.isatty() or os.environ.get("DIFFUSE_PROGRESS") == "1"), time.monotonic()
+    progress, started = Progress(), time.monotonic()
 
     def on_step(step: int, total: int, _latents: object) -> None:
         eta = (time.monotonic() - started) / step * (total - step)
-        progress({"type": "job.progress", "step": step, "total": total, "eta": eta})
+        progress({"type": Event.JOB_PROGRESS, "step": step, "total": total, "eta": eta})
 
     try:
         result = pipeline.generate(request, on_step=on_step)

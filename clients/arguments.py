@@ -1,0 +1,32 @@
+"""argparse types that `diffuse` and `diffusiond` share: one wording of each refusal."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .infotext import parse_size
+
+
+def size_argument(text: str) -> tuple[int, int]:
+    """argparse type of --size (also used by `diffusiond generate`)."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+
+
+def path_argument(text: str) -> Path:
+    """argparse type of a path: an empty one would quietly mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder (`.` for this folder)")
+    return Path(text)
+
+
+def model_name(text: str) -> str:
+    """A model as the daemon must see it: a folder here — named like a path, or existing — as its
+    absolute path (as -o and --init-image are), anything else (alias, Hub id) as given."""
+    path = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) or path.is_dir():
+        return str(path.resolve())
+    return text
