@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 NEGATIVE = "Negative prompt:"
 # One `Key: value` pair; a value with a comma, colon or quote is written JSON-quoted.
@@ -93,7 +94,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def job_settings(info: Infotext) -> tuple[dict[str, object], list[str]]:
+def job_settings(info: Infotext) -> tuple[dict[str, Any], list[str]]:
     """Job fields named by an infotext, and the keys it carries that no job field takes.
 
     Raises ValueError naming the key when a value does not parse.

@@ -334,12 +334,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .coreml.hardware import this_machine
     from .engine.pipeline import Pipeline, Request
     from .engine.runtimes.coreml_runtime import CoreMLRuntime
+    from .models.coreml_folder import CoreMLFolder
     from .models.diffusers_folder import ModelFolder
 
     settings = load(args.config)
     name = args.model or settings.model
     model = ModelFolder.open(name)
-    if model.runtime != "coreml":
+    if not isinstance(model, CoreMLFolder):
         print(f"diffusiond: bench times Core ML compute units and {name} is a diffusers-format model; "
               f"convert it first: diffusiond convert {model.path} --out DIR", file=sys.stderr)
         return EXIT_USAGE

@@ -124,7 +124,7 @@ def load(path: Path | None = None) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read config {path}: {exc}") from None
-    kinds = {f.name: f.type for f in fields(Config)}
+    kinds = {f.name: str(f.type) for f in fields(Config)}  # annotations are strings here
     types = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -133,7 +133,7 @@ def load(path: Path | None = None) -> Config:
         if kinds[key] == "Limits":
             if not isinstance(value, dict):
                 raise ValueError(f"config {path}: [limits] must be a table")
-            limit_kinds = {f.name: f.type for f in fields(Limits)}
+            limit_kinds = {f.name: str(f.type) for f in fields(Limits)}
             unknown = set(value) - set(limit_kinds)
             if unknown:
                 raise ValueError(f"config {path}: unknown limits {sorted(unknown)}; known: {', '.join(limit_kinds)}")

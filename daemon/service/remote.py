@@ -34,16 +34,15 @@ def make_keys(keys_dir: Path, client: str | None = None, worker: str | None = No
     made = []
     for name in [SERVER] + [peer for peer in (client, worker) if peer]:
         if not (keys_dir / f"{name}.key_secret").exists():
-            public, secret = zmq.auth.create_certificates(str(keys_dir), name)
-            for path in (public, secret):
+            for path in zmq.auth.create_certificates(str(keys_dir), name):
                 os.chmod(path, 0o600)
                 made.append(Path(path))
-    for name, domain in ((client, "clients"), (worker, "workers")):
-        if name:
+    for peer, domain in ((client, "clients"), (worker, "workers")):
+        if peer:
             allowed = keys_dir / ALLOW_FOLDERS[domain]
             allowed.mkdir(mode=0o700, exist_ok=True)
-            copy = allowed / f"{name}.key"
-            shutil.copyfile(keys_dir / f"{name}.key", copy)
+            copy = allowed / f"{peer}.key"
+            shutil.copyfile(keys_dir / f"{peer}.key", copy)
             os.chmod(copy, 0o600)
             made.append(copy)
     return made
@@ -88,10 +87,10 @@ def bind_tcp(
     for domain in ALLOW_FOLDERS:
         authenticator.configure_curve_callback(domain=domain, credentials_provider=_AllowFolders(keys_dir))
     sockets = []
-    for kind, offset, domain in ((zmq.ROUTER, 0, b"clients"), (zmq.XPUB, 1, b"clients"), (zmq.ROUTER, 2, b"workers")):
+    for kind, offset, zap_domain in ((zmq.ROUTER, 0, b"clients"), (zmq.XPUB, 1, b"clients"), (zmq.ROUTER, 2, b"workers")):
         socket = context.socket(kind)
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
-        socket.zap_domain = domain
+        socket.zap_domain = zap_domain
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(f"tcp://{host}:{int(port) + offset}")
         sockets.append(socket)
