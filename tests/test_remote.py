@@ -22,10 +22,11 @@ def keys(daemon: Daemon, client: str, role: str = "client") -> subprocess.Comple
                            str(daemon.config)], capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def tcp_daemon(tmp_path):
+@pytest.fixture(scope="module")
+def tcp_daemon(tmp_path_factory):
+    """One TCP daemon for the module: each test only adds keys-checked calls and jobs of its own."""
     port = free_port()
-    daemon = Daemon(tmp_path / "d", tcp=f"127.0.0.1:{port}")
+    daemon = Daemon(tmp_path_factory.mktemp("tcp") / "d", tcp=f"127.0.0.1:{port}")
     made = keys(daemon, "laptop")
     assert made.returncode == 0, made.stderr
     daemon.start()

@@ -60,7 +60,10 @@ CONFIGS = {
     },
 }
 
-STEPS = range(1, 101)
+# Every count up to 12, where spacing and rounding rules differ most, then a spread to the
+# 100-step limit with the usual defaults (20, 25, 30, 50) and LCM's 50-step boundary on both sides.
+# (The full 1–100 sweep passed when each scheduler was written; it costs seven times as much.)
+STEPS = [*range(1, 13), 15, 20, 25, 30, 33, 40, 49, 50, 51, 64, 75, 99, 100]
 SHAPE = (2, 4, 8, 8)
 
 
