@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from diffusiond.clients.cli import Progress, path_argument, size_argument
+from diffusiond.clients.protocol import Event
 
 from .config import Limits
 from .engine import schedulers
@@ -125,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     def on_step(step: int, total: int, _latents: object) -> None:
         eta = (time.monotonic() - started) / step * (total - step)
-        progress({"type": "job.progress", "step": step, "total": total, "eta": eta})
+        progress({"type": Event.JOB_PROGRESS, "step": step, "total": total, "eta": eta})
 
     try:
         result = pipeline.generate(request, on_step=on_step)
