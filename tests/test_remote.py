@@ -13,6 +13,7 @@ import pytest
 import zmq.auth
 
 from diffusiond.clients import Client, DaemonUnreachable, RequestFailed
+from diffusiond.clients.protocol import Event
 
 from .daemon_process import Daemon, free_port
 
@@ -49,10 +50,10 @@ def test_an_allowed_client_works_over_tcp_with_events(tcp_daemon) -> None:
         events = client.subscribe([b"job."])  # live: it saw its own announcement over TCP
         job = client.submit("over the network", steps=2, width=64, height=64)
         seen = []
-        while not seen or seen[-1] != "job.done":
+        while not seen or seen[-1] != Event.JOB_DONE:
             assert events.poll(60_000), "no event over TCP"
             seen.append(msgpack.unpackb(events.recv_multipart()[1])["type"])
-        assert seen == ["job.queued", "job.started", "job.progress", "job.progress", "job.done"]
+        assert seen == [Event.JOB_QUEUED, Event.JOB_STARTED, Event.JOB_PROGRESS, Event.JOB_PROGRESS, Event.JOB_DONE]
         assert client.get(job["id"])["state"] == "done"
 
 
