@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from diffusiond.clients.protocol import endpoints
+from diffusiond.clients.protocol import Event, endpoints
 
 
 def free_port() -> int:
@@ -118,7 +118,7 @@ class Daemon:
         while time.monotonic() < deadline:
             token = self.call("ping", announce=True)["id"]
             try:
-                self.wait_for(socket, lambda e: e.get("type") == "daemon.ping" and e.get("token") == token, 0.5)
+                self.wait_for(socket, lambda e: e.get("type") == Event.DAEMON_PING and e.get("token") == token, 0.5)
             except TimeoutError:
                 continue
             socket.setsockopt(zmq.UNSUBSCRIBE, b"daemon")

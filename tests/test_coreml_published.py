@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.coreml.hardware import parse_sysctl
 from diffusiond.daemon.engine.pipeline import Request, resolve
 from diffusiond.daemon.errors import ModelInvalid
@@ -200,7 +201,7 @@ def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(ent
 
         assert Image.open(done["outputs"][0]).size == (512, 512)
         # `diffuse models pull` goes through the downloader thread: torch-free too (cached by now)
-        assert pull_events(daemon, entry.alias, UNITS[entry.alias])[-1]["type"] == "model.downloaded"
+        assert pull_events(daemon, entry.alias, UNITS[entry.alias])[-1]["type"] == Event.MODEL_DOWNLOADED
     finally:
         daemon.close()
         if hub is not None:

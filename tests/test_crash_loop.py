@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.engine.png import read_parameters
 
 from .daemon_process import Daemon
@@ -77,7 +78,7 @@ def test_twenty_kill_9s_over_a_stream_of_jobs_lose_nothing(tmp_path) -> None:
                 events = daemon.subscribe(b"job.")
                 try:
                     for _ in range(rng.randint(0, 3)):  # let a few jobs finish, when there are any
-                        daemon.wait_for(events, lambda e: e["type"] == "job.done", timeout=10)
+                        daemon.wait_for(events, lambda e: e["type"] == Event.JOB_DONE, timeout=10)
                 except TimeoutError:
                     pass
                 events.close()

@@ -15,7 +15,7 @@ import zmq
 from PIL import Image
 
 from diffusiond.clients.infotext import parse_infotext
-from diffusiond.clients.protocol import MAX_MESSAGE_BYTES
+from diffusiond.clients.protocol import MAX_MESSAGE_BYTES, Event
 from diffusiond.daemon.engine.png import read_parameters
 
 from .daemon_process import Daemon
@@ -29,7 +29,7 @@ def test_submit_to_done_with_a_readable_png(daemon) -> None:
     reply = daemon.call("submit", prompt="a lighthouse at dusk", steps=4, width=64, height=96, seed=11)
     assert reply["ok"] and reply["created"]
     job_id = reply["job"]["id"]
-    done = daemon.wait_for(events, lambda e: e["job"] == job_id and e["type"] == "job.done")
+    done = daemon.wait_for(events, lambda e: e["job"] == job_id and e["type"] == Event.JOB_DONE)
     job = daemon.call("get", job=job_id)["job"]
     assert job["state"] == "done" and job["outputs"] == done["outputs"]
     assert done["outputs"] == [str(daemon.output_dir / f"{job_id}.png")]
@@ -43,13 +43,13 @@ def test_events_carry_a_daemon_wide_sequence_and_progress(daemon) -> None:
     events = daemon.subscribe(b"")
     job_id = daemon.call("submit", prompt="p", steps=3, width=64, height=64)["job"]["id"]
     seen = []
-    while not seen or seen[-1][1]["type"] != "job.done":
+    while not seen or seen[-1][1]["type"] != Event.JOB_DONE:
         topic, event = daemon.next_event(events)
         if event.get("job") == job_id:
             seen.append((topic, event))
     assert all(topic == f"job.{job_id}".encode() for topic, _ in seen)
-    assert [e["type"] for _, e in seen] == ["job.queued", "job.started"] + ["job.progress"] * 3 + ["job.done"]
-    assert [e["step"] for _, e in seen if e["type"] == "job.progress"] == [1, 2, 3]
+    assert [e["type"] for _, e in seen] == [Event.JOB_QUEUED, Event.JOB_STARTED] + [Event.JOB_PROGRESS] * 3 + [Event.JOB_DONE]
+    assert [e["step"] for _, e in seen if e["type"] == Event.JOB_PROGRESS] == [1, 2, 3]
     sequence = [e["seq"] for _, e in seen]
     assert sequence == sorted(sequence) and len(set(sequence)) == len(sequence)
     assert [e["topic_seq"] for _, e in seen] == list(range(1, len(seen) + 1))
@@ -60,12 +60,12 @@ def test_previews_go_only_to_preview_subscribers(daemon) -> None:
     previews = daemon.subscribe(b"preview.")
     jobs_only = daemon.subscribe(b"job.")
     job_id = daemon.call("submit", prompt="p", steps=6, width=128, height=128)["job"]["id"]
-    preview = daemon.wait_for(previews, lambda e: e["type"] == "job.preview" and e["job"] == job_id)
+    preview = daemon.wait_for(previews, lambda e: e["type"] == Event.JOB_PREVIEW and e["job"] == job_id)
     with Image.open(io.BytesIO(preview["jpeg"])) as image:
         assert image.format == "JPEG" and image.size == (16, 16)
-    daemon.wait_for(jobs_only, lambda e: e["type"] == "job.done" and e["job"] == job_id)
+    daemon.wait_for(jobs_only, lambda e: e["type"] == Event.JOB_DONE and e["job"] == job_id)
     while jobs_only.poll(0):
-        assert daemon.next_event(jobs_only)[1]["type"] != "job.preview"
+        assert daemon.next_event(jobs_only)[1]["type"] != Event.JOB_PREVIEW
 
 
 def test_two_hundred_jobs_from_four_clients_run_by_priority_then_fifo(daemon) -> None:
@@ -122,10 +122,10 @@ def test_cancel_a_running_job_stops_it_and_only_it(daemon) -> None:
     events = daemon.subscribe(b"job.")
     running = daemon.call("submit", prompt="long", **SLOW)["job"]["id"]
     waiting = daemon.call("submit", prompt="next", **FAST)["job"]["id"]
-    daemon.wait_for(events, lambda e: e["job"] == running and e["type"] == "job.progress" and e["step"] >= 2)
+    daemon.wait_for(events, lambda e: e["job"] == running and e["type"] == Event.JOB_PROGRESS and e["step"] >= 2)
     assert daemon.call("cancel", job=running)["job"]["state"] == "running"
-    cancelled = daemon.wait_for(events, lambda e: e["job"] == running and e["type"] in ("job.cancelled", "job.done"))
-    assert cancelled["type"] == "job.cancelled"
+    cancelled = daemon.wait_for(events, lambda e: e["job"] == running and e["type"] in (Event.JOB_CANCELLED, Event.JOB_DONE))
+    assert cancelled["type"] == Event.JOB_CANCELLED
     job = daemon.call("get", job=running)["job"]
     assert job["state"] == "cancelled" and job["outputs"] == []
     assert daemon.wait_job(waiting)["state"] == "done"
@@ -201,7 +201,7 @@ def test_kill_9_mid_job_then_restart_completes_it_once(fresh) -> None:
     fresh.start()
     events = fresh.subscribe(b"job.")
     job_id = fresh.call("submit", prompt="survive", seed=5, **SLOW)["job"]["id"]
-    fresh.wait_for(events, lambda e: e["type"] == "job.progress" and e["step"] >= 3)
+    fresh.wait_for(events, lambda e: e["type"] == Event.JOB_PROGRESS and e["step"] >= 3)
     assert fresh.kill(signal.SIGKILL) == -signal.SIGKILL
     fresh.start()
     job = fresh.wait_job(job_id, timeout=300)
@@ -217,7 +217,7 @@ def test_sigterm_requeues_the_running_job_and_exits_cleanly(fresh) -> None:
     fresh.start()
     events = fresh.subscribe(b"job.")
     job_id = fresh.call("submit", prompt="interrupted", **SLOW)["job"]["id"]
-    fresh.wait_for(events, lambda e: e["type"] == "job.progress")
+    fresh.wait_for(events, lambda e: e["type"] == Event.JOB_PROGRESS)
     assert fresh.kill(signal.SIGTERM) == 0
     with sqlite3.connect(fresh.home / "state" / "queue.sqlite3") as db:
         assert db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("queued",)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffusiond.clients.protocol import OPS, Code
+from diffusiond.clients.protocol import OPS, Code, Event
 
 DOCUMENTED = {value for name, value in vars(Code).items() if name.isupper()}
 FIELDS = ["v", "op", "id", "job", "prompt", "steps", "width", "height", "count", "seed", "scheduler", "states",
@@ -154,7 +154,7 @@ def test_fifty_clients_and_twenty_subscribers(fresh) -> None:
         queued = set()
         while len(queued) < len(ids):
             _, event = daemon.next_event(socket, 30)
-            if event["type"] == "job.queued":
+            if event["type"] == Event.JOB_QUEUED:
                 queued.add(event["job"])
         assert queued == ids
     assert rss_mb(daemon.process.pid) - before < 100

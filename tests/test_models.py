@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.errors import ModelNotDownloaded
 from diffusiond.daemon.models import coreml_layout
 from diffusiond.daemon.models.catalog import TINY
@@ -98,7 +99,7 @@ def pull(daemon, name: str, compute_units: str = "auto") -> list[dict]:
     events = daemon.subscribe(b"model.")
     topic = daemon.call("pull", model=name, compute_units=compute_units)["topic"]
     seen = []
-    while not seen or seen[-1]["type"] not in ("model.downloaded", "model.download_failed"):
+    while not seen or seen[-1]["type"] not in (Event.MODEL_DOWNLOADED, Event.MODEL_DOWNLOAD_FAILED):
         got, event = daemon.next_event(events, 120)
         if got.decode() == topic:
             seen.append(event)
@@ -121,7 +122,7 @@ def fetched(hub: FakeHub) -> set[str]:
 )
 def test_core_ml_repos_resolve_to_the_variant_the_compute_units_need(daemon_on_hub, hub, repo, units, variant_path, not_fetched) -> None:
     events = pull(daemon_on_hub, repo, units)
-    assert events[-1]["type"] == "model.downloaded", events[-1]
+    assert events[-1]["type"] == Event.MODEL_DOWNLOADED, events[-1]
     path = Path(events[-1]["path"])
     assert path.as_posix().endswith(variant_path)
     assert (path / "TextEncoder.mlmodelc").is_dir() and (path / "Unet.mlmodelc").is_dir()
@@ -131,7 +132,7 @@ def test_core_ml_repos_resolve_to_the_variant_the_compute_units_need(daemon_on_h
 @pytest.mark.parametrize("repo", ["evil/escape", "evil/link"])
 def test_unsafe_archives_are_refused(daemon_on_hub, tmp_path, repo) -> None:
     events = pull(daemon_on_hub, repo, "cpuAndGPU")
-    assert events[-1]["type"] == "model.download_failed"
+    assert events[-1]["type"] == Event.MODEL_DOWNLOAD_FAILED
     assert events[-1]["code"] == "download_failed" and "refused to unpack" in events[-1]["message"]
     assert not list(tmp_path.rglob("escaped.txt"))
     assert daemon_on_hub.call("ping")["ready"]
@@ -162,11 +163,11 @@ def test_a_broken_connection_resumes_from_the_last_whole_chunk(daemon_on_hub, hu
     large = repos["test/large"]
     hub.interrupt("test/large", big, after=(10 << 20) + 1000)
     events = pull(daemon_on_hub, "test/large")
-    assert events[-1]["type"] == "model.downloaded", events[-1]
+    assert events[-1]["type"] == Event.MODEL_DOWNLOADED, events[-1]
     ranges = [r.range for r in hub.requests if r.path.endswith(big) and r.method == "GET"]
     assert ranges == [None, f"bytes={10 << 20}-"]
     assert (Path(events[-1]["path"]) / big).read_bytes() == (large / big).read_bytes()
-    progress = [e["bytes"] for e in events if e["type"] == "model.download"]
+    progress = [e["bytes"] for e in events if e["type"] == Event.MODEL_DOWNLOAD]
     assert progress == sorted(progress) and progress[-1] == events[-2]["total"]
 
 
@@ -190,11 +191,11 @@ def test_a_gated_repo_needs_hf_token(fresh, repos, tmp_path, monkeypatch) -> Non
         monkeypatch.delenv("HF_TOKEN", raising=False)
         fresh.start()
         refused = pull(fresh, "gated/tiny")[-1]
-        assert refused["type"] == "model.download_failed" and "HF_TOKEN" in refused["message"]
+        assert refused["type"] == Event.MODEL_DOWNLOAD_FAILED and "HF_TOKEN" in refused["message"]
         assert fresh.stop() == 0
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
         fresh.start()
-        assert pull(fresh, "gated/tiny")[-1]["type"] == "model.downloaded"
+        assert pull(fresh, "gated/tiny")[-1]["type"] == Event.MODEL_DOWNLOADED
 
 
 def test_a_model_that_does_not_fit_is_refused_before_downloading(hub, tmp_path, monkeypatch) -> None:

@@ -54,7 +54,7 @@ def test_an_allowed_client_works_over_tcp_with_events(tcp_daemon) -> None:
                 event = events.next(60)
                 assert event is not None, "no event over TCP"
                 seen.append(event["type"])
-        assert seen == ["job.queued", "job.started", "job.progress", "job.progress", "job.done"]
+        assert seen == [Event.JOB_QUEUED, Event.JOB_STARTED, Event.JOB_PROGRESS, Event.JOB_PROGRESS, Event.JOB_DONE]
         assert client.get(job["id"])["state"] == "done"
 
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import zmq.auth
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.engine.png import read_parameters
 from diffusiond.daemon.service.queue import JobQueue
 
@@ -88,14 +89,14 @@ def long_job_running(cluster: Daemon, events: zmq.Socket, *names: str) -> str:
         cluster.worker(name)
     wait_joined(cluster, events, *names)
     job_id = cluster.call("submit", **LONG)["job"]["id"]
-    cluster.wait_for(events, lambda e: e.get("type") == "job.progress" and e.get("job") == job_id, 120)
+    cluster.wait_for(events, lambda e: e.get("type") == Event.JOB_PROGRESS and e.get("job") == job_id, 120)
     return job_id
 
 
 def wait_joined(daemon: Daemon, events: zmq.Socket, *names: str, timeout: float = 120) -> None:
     waiting = set(names)
     while waiting:
-        joined = daemon.wait_for(events, lambda e: e.get("type") == "worker.joined", timeout)
+        joined = daemon.wait_for(events, lambda e: e.get("type") == Event.WORKER_JOINED, timeout)
         waiting.discard(joined["worker"])
 
 
@@ -107,11 +108,11 @@ def test_a_remote_worker_runs_jobs_and_reports_through_the_daemon(cluster) -> No
 
     job_id = cluster.call("submit", **SMALL)["job"]["id"]
     seen = []
-    while not seen or seen[-1]["type"] not in ("job.done", "job.failed"):
+    while not seen or seen[-1]["type"] not in (Event.JOB_DONE, Event.JOB_FAILED):
         seen.append(cluster.wait_for(events, lambda e: e.get("job") == job_id))
     kinds = [e["type"] for e in seen]
-    assert kinds[:2] == ["job.queued", "job.started"] and kinds[-1] == "job.done", kinds
-    assert [e["step"] for e in seen if e["type"] == "job.progress"] == [1, 2, 3, 4]
+    assert kinds[:2] == [Event.JOB_QUEUED, Event.JOB_STARTED] and kinds[-1] == Event.JOB_DONE, kinds
+    assert [e["step"] for e in seen if e["type"] == Event.JOB_PROGRESS] == [1, 2, 3, 4]
     assert all(e["worker"] == "gpu1" for e in seen[1:])
 
     job = cluster.call("get", job=job_id)["job"]
@@ -136,18 +137,18 @@ def test_a_worker_killed_mid_job_has_its_job_requeued_and_done_once(cluster) -> 
     workers = {name: cluster.worker(name) for name in ("gpu1", "gpu2")}
     wait_joined(cluster, events, *workers)
     job_id = cluster.call("submit", **LONG)["job"]["id"]
-    started = cluster.wait_for(events, lambda e: e.get("type") == "job.started" and e.get("job") == job_id, 60)
+    started = cluster.wait_for(events, lambda e: e.get("type") == Event.JOB_STARTED and e.get("job") == job_id, 60)
     victim, survivor = started["worker"], ({"gpu1", "gpu2"} - {started["worker"]}).pop()
-    cluster.wait_for(events, lambda e: e.get("type") == "job.progress" and e.get("job") == job_id, 120)
+    cluster.wait_for(events, lambda e: e.get("type") == Event.JOB_PROGRESS and e.get("job") == job_id, 120)
     workers[victim].kill()
 
     lost = time.monotonic()
-    requeued = cluster.wait_for(events, lambda e: e.get("type") == "job.requeued" and e.get("job") == job_id, 30)
+    requeued = cluster.wait_for(events, lambda e: e.get("type") == Event.JOB_REQUEUED and e.get("job") == job_id, 30)
     assert requeued["reason"] == f"worker {victim} lost"
     assert time.monotonic() - lost < 20  # worker_timeout is 5 s: found by the heartbeat, not by chance
 
-    done = cluster.wait_for(events, lambda e: e.get("type") in ("job.done", "job.failed") and e.get("job") == job_id, 180)
-    assert done["type"] == "job.done" and done["worker"] == survivor
+    done = cluster.wait_for(events, lambda e: e.get("type") in (Event.JOB_DONE, Event.JOB_FAILED) and e.get("job") == job_id, 180)
+    assert done["type"] == Event.JOB_DONE and done["worker"] == survivor
     job = cluster.call("get", job=job_id)["job"]
     assert job["state"] == "done" and job["attempts"] == 2
     assert cluster.outputs() == [f"{job_id}.png"]  # no second file, no half-written one
@@ -190,8 +191,8 @@ def test_cancel_reaches_the_worker_and_it_takes_the_next_job(cluster) -> None:
     long_id = long_job_running(cluster, events, "gpu1")
     next_id = cluster.call("submit", **SMALL)["job"]["id"]
     cluster.call("cancel", job=long_id)
-    cancelled = cluster.wait_for(events, lambda e: e.get("job") == long_id and e["type"] in ("job.cancelled", "job.done"))
-    assert cancelled["type"] == "job.cancelled" and cancelled["worker"] == "gpu1"
+    cancelled = cluster.wait_for(events, lambda e: e.get("job") == long_id and e["type"] in (Event.JOB_CANCELLED, Event.JOB_DONE))
+    assert cancelled["type"] == Event.JOB_CANCELLED and cancelled["worker"] == "gpu1"
     assert cluster.wait_job(next_id)["state"] == "done"
     assert cluster.call("get", job=long_id)["job"]["state"] == "cancelled"
     assert cluster.outputs() == [f"{next_id}.png"]
@@ -252,7 +253,7 @@ worker_messages = st.fixed_dictionaries(
     optional={
         "v": st.one_of(st.just(1), values), "name": values, "job": st.one_of(st.deferred(lambda: st.just(HELD["job"])), values),
         "topic": st.one_of(st.sampled_from([b"job.x", b"model.tiny", b"daemon"]), values),
-        "body": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["job.progress", "model.loaded", "job.done"])},
+        "body": st.one_of(st.fixed_dictionaries({"type": st.sampled_from([Event.JOB_PROGRESS, Event.MODEL_LOADED, Event.JOB_DONE])},
                                                 optional={"step": values}), values),
         "pngs": st.one_of(st.lists(st.one_of(PNG_LIKE, values), max_size=3), values),
         "summary": st.one_of(st.dictionaries(st.sampled_from(["seed", "width", "flagged", "timings", "x"]), values), values),

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.service.sockets import lock_held
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's CPU time from /proc")
@@ -32,7 +33,7 @@ def start_a_huge_step(daemon) -> str:
     burn seconds of CPU (the text encoder and the noise take milliseconds)."""
     events = daemon.subscribe(b"job.")
     job_id = daemon.call("submit", **HUGE_STEP)["job"]["id"]
-    daemon.wait_for(events, lambda e: e["job"] == job_id and e["type"] == "job.started")
+    daemon.wait_for(events, lambda e: e["job"] == job_id and e["type"] == Event.JOB_STARTED)
     started = cpu_seconds(daemon.process.pid)
     deadline = time.monotonic() + 120
     while cpu_seconds(daemon.process.pid) - started < 2.0:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusiond.clients.protocol import Event
 from diffusiond.daemon.errors import ModelNotDownloaded
 from diffusiond.daemon.models import store
 from diffusiond.daemon.models.catalog import TINY
@@ -73,13 +74,13 @@ def test_a_job_for_a_hub_model_downloads_it_with_progress_then_runs(fresh, hub, 
     events = fresh.subscribe(f"model.{REPO}".encode(), b"job.")
     job_id = fresh.call("submit", prompt="from the hub", model=REPO, steps=2)["job"]["id"]
     seen = []
-    while not seen or seen[-1]["type"] not in ("job.done", "job.failed"):
+    while not seen or seen[-1]["type"] not in (Event.JOB_DONE, Event.JOB_FAILED):
         seen.append(fresh.next_event(events, 120)[1])
-    assert seen[-1]["type"] == "job.done", seen[-1]
+    assert seen[-1]["type"] == Event.JOB_DONE, seen[-1]
     kinds = [e["type"] for e in seen if e["type"].startswith("model.")]
-    assert kinds[0] == "model.downloading" and kinds[-2:] == ["model.loading", "model.loaded"]
-    assert "model.downloaded" in kinds and "model.download" in kinds
-    progress = [e for e in seen if e["type"] == "model.download"]
+    assert kinds[0] == Event.MODEL_DOWNLOADING and kinds[-2:] == [Event.MODEL_LOADING, Event.MODEL_LOADED]
+    assert Event.MODEL_DOWNLOADED in kinds and Event.MODEL_DOWNLOAD in kinds
+    progress = [e for e in seen if e["type"] == Event.MODEL_DOWNLOAD]
     assert [e["bytes"] for e in progress] == sorted(e["bytes"] for e in progress)
     wanted = store.runtime_files(sorted(p.relative_to(TINY).as_posix() for p in TINY.rglob("*") if p.is_file()), gpu=False)
     assert progress[-1]["bytes"] == progress[-1]["total"] == sum((TINY / f).stat().st_size for f in wanted)
@@ -134,16 +135,16 @@ def test_a_pull_cancelled_mid_file_keeps_the_whole_files_and_a_second_pull_fetch
     assert hold.reached.wait(60), "the pull never reached the held file"
     assert fresh.call("cancel", model=REPO)["ok"]
     hold.release.set()
-    failed = fresh.wait_for(events, lambda e: e["type"] in ("model.download_failed", "model.downloaded"), 60)
-    assert failed["type"] == "model.download_failed" and failed["code"] == "cancelled", failed
+    failed = fresh.wait_for(events, lambda e: e["type"] in (Event.MODEL_DOWNLOAD_FAILED, Event.MODEL_DOWNLOADED), 60)
+    assert failed["type"] == Event.MODEL_DOWNLOAD_FAILED and failed["code"] == "cancelled", failed
     snapshots = tmp_path / "hf" / "hub" / "models--test--tiny-sd" / "snapshots"
     kept = {p.relative_to(next(snapshots.iterdir())).as_posix() for p in snapshots.rglob("*") if p.is_file()}
     assert "unet/diffusion_pytorch_model.safetensors" in kept and held not in kept  # whole files only
 
     hub.requests.clear()
     fresh.call("pull", model=REPO)
-    done = fresh.wait_for(events, lambda e: e["type"] in ("model.download_failed", "model.downloaded"), 60)
-    assert done["type"] == "model.downloaded", done
+    done = fresh.wait_for(events, lambda e: e["type"] in (Event.MODEL_DOWNLOAD_FAILED, Event.MODEL_DOWNLOADED), 60)
+    assert done["type"] == Event.MODEL_DOWNLOADED, done
     fetched = {r.path.split("/resolve/main/", 1)[1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
     assert fetched == {held}  # the rest was kept from the cancelled pull
     assert fresh.stop() == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from diffusiond.clients.protocol import pack
+from diffusiond.clients.protocol import Code, Event, model_topic, pack
 
 from ..coreml.hardware import has_gpu, this_machine
 from ..engine.runtimes import refuse_palettized
@@ -46,7 +46,7 @@ class Downloader(threading.Thread):
         self.requests.put(None)
 
     def _emit(self, name: str, body: dict[str, Any]) -> None:
-        self.events.send_multipart([f"model.{name}".encode(), pack({"ts": time.time(), "model": name, **body})])
+        self.events.send_multipart([model_topic(name), pack({"ts": time.time(), "model": name, **body})])
 
     def run(self) -> None:
         self.events = self.context.socket(zmq.PUSH)
@@ -56,21 +56,21 @@ class Downloader(threading.Thread):
             while (item := self.requests.get()) is not None:
                 name, compute_units = item
                 self.active = name
-                self._emit(name, {"type": "model.downloading"})
+                self._emit(name, {"type": Event.MODEL_DOWNLOADING})
                 try:
                     refuse_palettized(name, catalog.is_palettized(name), this_machine())
                     path = store.pull(
                         name, has_gpu(self.device),
-                        lambda progress: self._emit(name, {"type": "model.download", **progress}),
+                        lambda progress: self._emit(name, {"type": Event.MODEL_DOWNLOAD, **progress}),
                         lambda: name in self.cancelled, compute_units, self.keep_archives,
                     )
                 except (Cancelled, EngineError) as exc:
-                    self._emit(name, {"type": "model.download_failed", "code": exc.code, "message": str(exc)})
+                    self._emit(name, {"type": Event.MODEL_DOWNLOAD_FAILED, "code": exc.code, "message": str(exc)})
                 except Exception as exc:
                     log.exception("pull of %s failed", name)
-                    self._emit(name, {"type": "model.download_failed", "code": "internal_error", "message": str(exc)})
+                    self._emit(name, {"type": Event.MODEL_DOWNLOAD_FAILED, "code": Code.INTERNAL, "message": str(exc)})
                 else:
-                    self._emit(name, {"type": "model.downloaded", "path": str(path)})
+                    self._emit(name, {"type": Event.MODEL_DOWNLOADED, "path": str(path)})
                 finally:
                     self.active = None
         finally:

@@ -26,10 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from diffusiond.clients.protocol import DAEMON_TOPIC, Code, ProtocolError, pack, unpack
+from diffusiond.clients.protocol import (
+    DAEMON_TOPIC,
+    Code,
+    Event,
+    ProtocolError,
+    job_topic,
+    pack,
+    preview_topic,
+    unpack,
+)
 
-from ..engine.png import write_job_outputs
-from .queue import JobQueue
+from .jobs import Jobs, Publish
 
 log = logging.getLogger("diffusiond.dispatch")
 WORKER_PROTOCOL = 1
@@ -37,10 +45,9 @@ HEARTBEAT = 1.0  # seconds between heartbeats, each way
 MAX_RESULT_BYTES = 512 * 1024 * 1024  # one worker message: up to 16 images of 2048² as PNG
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SUMMARY_FIELDS = ("seed", "width", "height", "flagged", "prompt_dropped", "timings")
-_WORKER_EVENTS = {"job.progress", "job.preview", "model.downloading", "model.download", "model.downloaded",
-                  "model.loading", "model.compiling", "model.compiled", "model.loaded", "model.unloaded"}
-
-Publish = Callable[[bytes, dict[str, Any]], None]
+_WORKER_EVENTS = {Event.JOB_PROGRESS, Event.JOB_PREVIEW, Event.MODEL_DOWNLOADING, Event.MODEL_DOWNLOAD,
+                  Event.MODEL_DOWNLOADED, Event.MODEL_LOADING, Event.MODEL_COMPILING, Event.MODEL_COMPILED,
+                  Event.MODEL_LOADED, Event.MODEL_UNLOADED}
 
 
 def _json_safe(value: Any) -> bool:
@@ -63,10 +70,10 @@ class Peer:
 class RemoteWorkers:
     """Owned by the server's thread: it shares the server's queue connection and publisher."""
 
-    def __init__(self, socket: zmq.Socket, queue: JobQueue, publish: Publish, timeout: float,
+    def __init__(self, socket: zmq.Socket, jobs: Jobs, publish: Publish, timeout: float,
                  previews: Callable[[], bool]) -> None:
         self.socket = socket
-        self.queue = queue
+        self.jobs = jobs
         self.publish = publish
         self.timeout = timeout
         self.previews = previews
@@ -134,12 +141,9 @@ class RemoteWorkers:
             self._done(peer, job_id, message)
         elif op == "failed":
             code, text = str(message.get("code", Code.INTERNAL)), str(message.get("message", ""))
-            self.queue.fail(job_id, code, f"{text} (on worker {peer.name})")
-            self.publish(f"job.{job_id}".encode(), {"type": "job.failed", "job": job_id, "code": code,
-                                                    "message": text, "worker": peer.name})
+            self.jobs.failed(job_id, code, text, worker=peer.name)
         elif op == "cancelled":
-            self.queue.cancelled(job_id)
-            self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id, "worker": peer.name})
+            self.jobs.cancelled(job_id, worker=peer.name)
         elif op == "requeue":
             self._requeue(peer, str(message.get("reason", f"worker {peer.name} gave it back")))
             self.dispatch()
@@ -160,49 +164,32 @@ class RemoteWorkers:
         self.peers[identity] = Peer(identity, name, time.monotonic())
         self._send(identity, {"op": "welcome", "heartbeat": HEARTBEAT, "timeout": self.timeout})
         log.info("worker %s joined", name)
-        self.publish(DAEMON_TOPIC, {"type": "worker.joined", "worker": name})
+        self.publish(DAEMON_TOPIC, {"type": Event.WORKER_JOINED, "worker": name})
 
     def _event(self, peer: Peer, message: dict[str, Any]) -> None:
         """Progress and model events, republished as the daemon's own, marked with the worker."""
         topic, body = message.get("topic"), message.get("body")
         if not isinstance(topic, bytes) or not isinstance(body, dict) or body.get("type") not in _WORKER_EVENTS:
             return
-        own_job = peer.job is not None and topic in (f"job.{peer.job}".encode(), f"preview.{peer.job}".encode())
+        own_job = peer.job is not None and topic in (job_topic(peer.job), preview_topic(peer.job))
         if own_job or topic.startswith(b"model."):
             self.publish(topic, {**body, "worker": peer.name})
 
     def _done(self, peer: Peer, job_id: str, message: dict[str, Any]) -> None:
-        job = self.queue.get(job_id)
+        job = self.jobs.queue.get(job_id)
         pngs = message.get("pngs")
         if (not isinstance(pngs, list) or not 0 < len(pngs) <= job.params.get("count", 1)
                 or not all(isinstance(p, bytes) and p.startswith(_PNG_SIGNATURE) for p in pngs)):
-            self._fail(job_id, Code.INTERNAL, f"worker {peer.name} sent a result that is not the job's PNGs")
-            return
-        try:
-            outputs = write_job_outputs(self.queue.output_paths(job_id, len(pngs)), pngs)
-        except OSError as exc:
-            self._fail(job_id, Code.OUTPUT_ERROR, f"cannot write the image: {exc}")
+            self.jobs.failed(job_id, Code.INTERNAL, f"worker {peer.name} sent a result that is not the job's PNGs")
             return
         raw = message.get("summary") if isinstance(message.get("summary"), dict) else {}
         summary = {key: raw[key] for key in _SUMMARY_FIELDS if key in raw and _json_safe(raw[key])}
-        self.queue.done(job_id, outputs, {**summary, "worker": peer.name})
-        self.publish(f"job.{job_id}".encode(), {"type": "job.done", "job": job_id, "outputs": outputs, **summary,
-                                                "worker": peer.name})
-
-    def _fail(self, job_id: str, code: str, message: str) -> None:
-        self.queue.fail(job_id, code, message)
-        self.publish(f"job.{job_id}".encode(), {"type": "job.failed", "job": job_id, "code": code, "message": message})
+        self.jobs.done(job_id, pngs, summary, worker=peer.name)
 
     def _requeue(self, peer: Peer, reason: str) -> None:
         job_id, peer.job = peer.job, None
-        job = self.queue.get(job_id)
-        if job.cancel_requested:
-            self.queue.cancelled(job_id)
-            self.publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id})
-            return
-        self.queue.requeue(job_id)
-        log.info("job %s queued again: %s", job_id, reason)
-        self.publish(f"job.{job_id}".encode(), {"type": "job.requeued", "job": job_id, "reason": reason})
+        if job_id is not None:
+            self.jobs.let_go(job_id, reason)
 
     # -- to the workers ----------------------------------------------------------------------
 
@@ -215,7 +202,7 @@ class RemoteWorkers:
         for peer in lost:
             del self.peers[peer.identity]
             log.warning("worker %s lost: silent for %.0fs", peer.name, now - peer.seen)
-            self.publish(DAEMON_TOPIC, {"type": "worker.lost", "worker": peer.name})
+            self.publish(DAEMON_TOPIC, {"type": Event.WORKER_LOST, "worker": peer.name})
             if peer.job is not None:
                 self._requeue(peer, f"worker {peer.name} lost")
         beat = now - self.last_beat >= HEARTBEAT
@@ -228,19 +215,17 @@ class RemoteWorkers:
 
     def dispatch(self) -> None:
         idle = [p for p in self.peers.values() if p.idle]
-        if not idle or self.queue.paused():
+        if not idle or self.jobs.queue.paused():
             return
         for peer in idle:
-            job = self.queue.claim_next(named_models_only=True)
+            job = self.jobs.claim_next(worker=peer.name)
             if job is None:
                 return
             peer.idle, peer.job = False, job.id
             self._send(peer.identity, {
                 "op": "job", "job": job.id, "attempt": job.attempts, "model": job.model, "params": job.params,
-                "init_image": self.queue.init_image(job.id), "previews": self.previews(),
+                "init_image": self.jobs.queue.init_image(job.id), "previews": self.previews(),
             })
-            self.publish(f"job.{job.id}".encode(), {"type": "job.started", "job": job.id, "attempt": job.attempts,
-                                                    "worker": peer.name})
 
     def cancel(self, job_id: str) -> bool:
         """Ask the worker running the job to stop it; False when no remote worker runs it."""

@@ -24,7 +24,7 @@ from diffusiond.clients.protocol import Code, pack, unpack
 
 from ..config import Config
 from ..engine.png import encode_result
-from ..errors import Cancelled, EngineError
+from .jobs import outcome
 from .remote_dispatch import HEARTBEAT, MAX_RESULT_BYTES, WORKER_PROTOCOL
 from .warm import WarmModels
 from .worker import job_request, progress_reporter, summary
@@ -80,13 +80,14 @@ class Engine(threading.Thread):
             )
             self.models.touch(job["model"])
             return {"op": "done", "job": job_id, "pngs": encode_result(result, job["model"]), "summary": summary(result)}
-        except Cancelled:
-            return {"op": "cancelled" if job_id not in self.dropped else "dropped", "job": job_id}
-        except EngineError as exc:
-            return {"op": "failed", "job": job_id, "code": exc.code, "message": str(exc)}
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            return {"op": "failed", "job": job_id, "code": Code.INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
+            # Dropped (the daemon is gone or forgot the job): it requeues the job itself.
+            end = outcome(job_id, exc, cancel_asked=job_id not in self.dropped)
+            if end.requeue:
+                return {"op": "dropped", "job": job_id}
+            if end.code == Code.CANCELLED:
+                return {"op": "cancelled", "job": job_id}
+            return {"op": "failed", "job": job_id, "code": end.code, "message": end.message}
         finally:
             self.cancels.discard(job_id)
             self.dropped.discard(job_id)

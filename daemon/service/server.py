@@ -26,9 +26,11 @@ from diffusiond.clients.protocol import (
     STATES,
     VERSION,
     Code,
+    Event,
     ProtocolError,
     endpoints,
     error,
+    model_topic,
     ok,
     pack,
     unpack,
@@ -46,6 +48,7 @@ from ..models.catalog import ALIASES
 from ..models.diffusers_folder import ModelFolder
 from ..models.ref import parse
 from .downloader import Downloader
+from .jobs import Jobs
 from .notify import notify
 from .queue import JobQueue
 from .remote import bind_tcp
@@ -72,7 +75,7 @@ _TYPE_NAMES: dict[Any, str] = {
     str: "a string", int: "an integer", float: "a number", (int, float): "a number", bool: "true or false",
     bytes: "binary (msgpack bin)", list: "a list", dict: "a map", type(None): "nil",
 }
-_LAST_OF_A_RUN = {"job.done", "job.failed", "job.cancelled", "job.requeued"}
+_LAST_OF_A_RUN = {Event.JOB_DONE, Event.JOB_FAILED, Event.JOB_CANCELLED, Event.JOB_REQUEUED}
 _SUBMIT_FIELDS = _JOB_FIELDS | {
     "v", "op", "id", "model", "priority", "output_dir", "output_name", "idempotency_key", "init_image",
 }
@@ -139,6 +142,9 @@ class Server:
         pull = self.context.socket(zmq.PULL)
         pull.bind(WORKER_EVENTS)
         self.queue = JobQueue(self.config.database)
+        # Outcomes of requests go out after the batch's commit and replies; others at once.
+        self.jobs = Jobs(self.queue, self._publish)
+        self.batch_jobs = Jobs(self.queue, lambda topic, body: self.outbox.append((topic, body)))
         requeued, cancelled = self.queue.recover()
         if requeued or cancelled:
             log.info("recovered after a crash: %d jobs queued again, %d cancelled", len(requeued), len(cancelled))
@@ -146,7 +152,7 @@ class Server:
         self.remote_workers = None
         if worker_socket is not None:
             self.remote_workers = RemoteWorkers(
-                worker_socket, self.queue, self._publish, self.config.worker_timeout,
+                worker_socket, self.jobs, self._publish, self.config.worker_timeout,
                 lambda: any(p.startswith(b"preview") for p in self.worker.preview_prefixes),
             )
         self.worker.start()
@@ -182,7 +188,7 @@ class Server:
                     break
         finally:
             notify("STOPPING=1")
-            self._publish(DAEMON_TOPIC, {"type": "daemon.stopping"})
+            self._publish(DAEMON_TOPIC, {"type": Event.DAEMON_STOPPING})
             if self.downloader.active:
                 self.downloader.cancel(self.downloader.active)  # files that arrived whole stay cached
             self.downloader.stop()
@@ -193,7 +199,9 @@ class Server:
             self.downloader.join(timeout=STOP_GRACE)
             while pull.poll(0):
                 self._forward(pull)
-            self._settle_running()
+            # Only a worker stuck in a model call (or one that died) leaves a job running here; its
+            # late result is then ignored, as the queue takes an outcome only for a running job.
+            self.jobs.settle_running("daemon stopping")
             self.queue.close()
             if authenticator is not None:
                 authenticator.stop()
@@ -214,18 +222,6 @@ class Server:
             os.close(lock)
             log.info("stopped")
         return exit_code
-
-    def _settle_running(self) -> None:
-        """Give every job still running the outcome stop promises: queued again, or cancelled if
-        that was asked. Only a worker stuck in a model call leaves one (or one that died); its late
-        result is then ignored, as the queue accepts an outcome only for a running job."""
-        requeued, cancelled = self.queue.recover()
-        for job_id in requeued:
-            log.info("job %s queued again: its model call was still running at stop", job_id)
-            self._publish(f"job.{job_id}".encode(),
-                          {"type": "job.requeued", "job": job_id, "reason": "daemon stopping"})
-        for job_id in cancelled:
-            self._publish(f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id})
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("%s: finishing up", signal.Signals(signum).name)
@@ -345,7 +341,7 @@ class Server:
     def _op_ping(self, message: dict[str, Any]) -> dict[str, Any]:
         if _field(message, "announce", bool, False):
             # A subscriber's way to know its subscription is live: it sees this event.
-            self.outbox.append((DAEMON_TOPIC, {"type": "daemon.ping", "token": message.get("id")}))
+            self.outbox.append((DAEMON_TOPIC, {"type": Event.DAEMON_PING, "token": message.get("id")}))
         return {
             "version": DAEMON_VERSION, "protocol": VERSION, "ready": self.worker.ready.is_set(),
             "models": {"loaded": self.worker.loaded, "loading": self.worker.loading},
@@ -388,10 +384,8 @@ class Server:
         image_bytes = _field(message, "init_image", bytes)
         request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits)
         params = {name: getattr(request, name) for name in _JOB_FIELDS}
-        job, created = self.queue.submit(params, model_name, output_dir, priority, key, image_bytes,
-                                         self.config.max_queued, output_name)
-        if created:
-            self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": priority}))
+        job, created = self.batch_jobs.submit(params, model_name, output_dir, priority, key, image_bytes,
+                                              self.config.max_queued, output_name)
         return {"job": job.to_wire(), "created": created}
 
     def _output_dir(self, asked: str | None) -> str:
@@ -449,13 +443,9 @@ class Server:
             self.downloader.cancel(parse(model).canonical)
             return {"model": model}
         if _field(message, "all_queued", bool, False):
-            ids = self.queue.cancel_queued()
-            for job_id in ids:
-                self.outbox.append((f"job.{job_id}".encode(), {"type": "job.cancelled", "job": job_id}))
-            return {"cancelled": ids}
-        job = self.queue.cancel(_required(message, "job", str))
+            return {"cancelled": self.batch_jobs.cancel_queued()}
+        job = self.batch_jobs.cancel(_required(message, "job", str))
         if job.state != "running":
-            self.outbox.append((f"job.{job.id}".encode(), {"type": "job.cancelled", "job": job.id}))
             return {"job": job.to_wire(), "pending": False}
         if self.remote_workers is None or not self.remote_workers.cancel(job.id):
             self.worker.cancel(job.id)
@@ -463,17 +453,16 @@ class Server:
 
     def _op_pause(self, message: dict[str, Any]) -> dict[str, Any]:
         self.queue.set_paused(True)
-        self.outbox.append((DAEMON_TOPIC, {"type": "daemon.paused"}))
+        self.outbox.append((DAEMON_TOPIC, {"type": Event.DAEMON_PAUSED}))
         return {"paused": True}
 
     def _op_resume(self, message: dict[str, Any]) -> dict[str, Any]:
         self.queue.set_paused(False)
-        self.outbox.append((DAEMON_TOPIC, {"type": "daemon.resumed"}))
+        self.outbox.append((DAEMON_TOPIC, {"type": Event.DAEMON_RESUMED}))
         return {"paused": False}
 
     def _op_retry(self, message: dict[str, Any]) -> dict[str, Any]:
-        job = self.queue.retry(_required(message, "job", str))
-        self.outbox.append((f"job.{job.id}".encode(), {"type": "job.queued", "job": job.id, "priority": job.priority}))
+        job = self.batch_jobs.retry(_required(message, "job", str))
         return {"job": job.to_wire()}
 
     def _op_prune(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -504,7 +493,7 @@ class Server:
         if parse(name).repo is None:
             raise ProtocolError(Code.INVALID_PARAMETER, f"model: {name!r} is not a Hub id (org/name) or a catalog alias")
         self.downloader.pull(name, choose(units, self.config.state_dir, this_machine(), name))
-        return {"pulling": name, "topic": f"model.{name}"}
+        return {"pulling": name, "topic": model_topic(name).decode()}
 
     def _op_remove(self, message: dict[str, Any]) -> dict[str, Any]:
         name = parse(_required(message, "model", str)).canonical

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from diffusiond.clients.protocol import Event, model_topic
+
 from ..config import Config
 from ..engine.pipeline import Pipeline
 from ..errors import ModelNotDownloaded
@@ -61,41 +63,41 @@ class WarmModels:
         from ..coreml.hardware import has_gpu, this_machine
         from ..engine.runtimes import open_runtime, refuse_palettized
 
-        topic = f"model.{name}".encode()
+        topic = model_topic(name)
         try:
             model = ModelFolder.open(name)
         except ModelNotDownloaded:
             machine = this_machine()
             refuse_palettized(name, catalog.is_palettized(name), machine)
-            self.emit(topic, {"type": "model.downloading", "model": name})
+            self.emit(topic, {"type": Event.MODEL_DOWNLOADING, "model": name})
             units = choose(self.config.compute_units, self.config.state_dir, machine, name)
             store.pull(
                 parse(name).canonical, has_gpu(self.config.device),
-                lambda progress: self.emit(topic, {"type": "model.download", **progress}), cancelled, units,
+                lambda progress: self.emit(topic, {"type": Event.MODEL_DOWNLOAD, **progress}), cancelled, units,
                 self.config.keep_archives,
             )
             model = ModelFolder.open(name)
-            self.emit(topic, {"type": "model.downloaded", "model": name, "path": str(model.path)})
+            self.emit(topic, {"type": Event.MODEL_DOWNLOADED, "model": name, "path": str(model.path)})
         while len(self.pipelines) >= self.config.max_loaded:  # room first: two big models may not fit
             self.unload(next(iter(self.pipelines)), "least recently used")
-        self.emit(topic, {"type": "model.loading", "model": name})
+        self.emit(topic, {"type": Event.MODEL_LOADING, "model": name})
         started = time.monotonic()
         runtime = open_runtime(model, self.config, model.has_safety_checker)
-        if getattr(runtime, "has_warm_up", False):
+        if runtime.has_warm_up:
             # Compiling and capturing graphs for the model's own size: paid once, here, not by a job.
-            self.emit(topic, {"type": "model.compiling", "model": name})
+            self.emit(topic, {"type": Event.MODEL_COMPILING, "model": name})
             seconds = runtime.warm_up(*model.default_shape)
-            self.emit(topic, {"type": "model.compiled", "model": name, "seconds": seconds})
+            self.emit(topic, {"type": Event.MODEL_COMPILED, "model": name, "seconds": seconds})
         self.pipelines[name] = Pipeline(model, runtime, self.config.limits)
         self.last_used[name] = time.monotonic()
         seconds = time.monotonic() - started
         log.info("model %s loaded in %.1fs", name, seconds)
-        self.emit(topic, {"type": "model.loaded", "model": name, "seconds": seconds})
+        self.emit(topic, {"type": Event.MODEL_LOADED, "model": name, "seconds": seconds})
 
     def unload(self, name: str, reason: str) -> None:
         del self.pipelines[name], self.last_used[name]
         log.info("model %s unloaded (%s)", name, reason)
-        self.emit(f"model.{name}".encode(), {"type": "model.unloaded", "model": name, "reason": reason})
+        self.emit(model_topic(name), {"type": Event.MODEL_UNLOADED, "model": name, "reason": reason})
 
     def unload_idle(self) -> None:
         if self.config.idle_unload > 0:

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from diffusiond.clients.protocol import Code, pack
+from diffusiond.clients.protocol import DAEMON_TOPIC, Event, job_topic, pack, preview_topic
 from PIL import Image
 
 from ..config import Config
 from ..engine.pipeline import Request, Result
-from ..engine.png import encode_result, write_job_outputs
+from ..engine.png import encode_result
 from ..engine.preview import preview_jpeg
-from ..errors import Cancelled, EngineError
+from .jobs import Jobs, outcome
 from .notify import notify
 from .queue import Job, JobQueue
 from .warm import Emit, WarmModels
@@ -45,7 +45,7 @@ def summary(result: Result) -> dict[str, Any]:
 
 def progress_reporter(job_id: str, emit: Emit, wants_preview: Callable[[bytes], bool]) -> Callable[..., None]:
     """The pipeline's step callback: `job.progress` every step, a JPEG preview while someone watches."""
-    topic, preview = f"job.{job_id}".encode(), f"preview.{job_id}".encode()
+    topic, preview = job_topic(job_id), preview_topic(job_id)
     started = time.monotonic()
     last_preview = 0.0
 
@@ -53,12 +53,12 @@ def progress_reporter(job_id: str, emit: Emit, wants_preview: Callable[[bytes], 
         nonlocal last_preview
         now = time.monotonic()
         eta = (now - started) / step * (total - step)
-        emit(topic, {"type": "job.progress", "job": job_id, "step": step, "total": total, "eta": eta})
+        emit(topic, {"type": Event.JOB_PROGRESS, "job": job_id, "step": step, "total": total, "eta": eta})
         if wants_preview(preview) and (now - last_preview >= PREVIEW_INTERVAL or step == total):
             jpeg = preview_jpeg(latents)
             if jpeg is not None:
                 last_preview = now
-                emit(preview, {"type": "job.preview", "job": job_id, "step": step, "total": total, "jpeg": jpeg})
+                emit(preview, {"type": Event.JOB_PREVIEW, "job": job_id, "step": step, "total": total, "jpeg": jpeg})
 
     return on_step
 
@@ -102,6 +102,7 @@ class Worker(threading.Thread):
         self.events.setsockopt(zmq.LINGER, 1000)
         self.events.connect(WORKER_EVENTS)
         queue = JobQueue(self.config.database)
+        jobs = Jobs(queue, self._emit)
         try:
             if not self.config.local_worker:
                 self._serve_remote_workers_only()
@@ -109,18 +110,18 @@ class Worker(threading.Thread):
             self.models.load(self.config.model)
             self.ready.set()
             notify(f"READY=1\nSTATUS=ready, {self.config.model} loaded")
-            self._emit(b"daemon", {"type": "daemon.ready", "model": self.config.model})
+            self._emit(DAEMON_TOPIC, {"type": Event.DAEMON_READY, "model": self.config.model})
             while not self.stopping.is_set():
                 self.wake.clear()
-                job = None if queue.paused() else queue.claim_next()
+                job = None if queue.paused() else jobs.claim_next()
                 if job is None:
                     self.models.unload_idle()
                     self.wake.wait(1.0)
                     continue
-                self._run(queue, job)
+                self._run(jobs, job)
         except Exception:
             log.exception("worker stopped by an unexpected error")
-            self._emit(b"daemon", {"type": "daemon.worker_failed"})
+            self._emit(DAEMON_TOPIC, {"type": Event.DAEMON_WORKER_FAILED})
         finally:
             queue.close()
             self.events.close()
@@ -129,48 +130,25 @@ class Worker(threading.Thread):
         """`local_worker = false`: this machine keeps the queue; remote workers run every job."""
         self.ready.set()
         notify("READY=1\nSTATUS=ready, jobs run on remote workers")
-        self._emit(b"daemon", {"type": "daemon.ready", "model": None})
+        self._emit(DAEMON_TOPIC, {"type": Event.DAEMON_READY, "model": None})
         self.stopping.wait()
 
-    def _run(self, queue: JobQueue, job: Job) -> None:
-        topic = f"job.{job.id}".encode()
-        self._emit(topic, {"type": "job.started", "job": job.id, "attempt": job.attempts})
+    def _run(self, jobs: Jobs, job: Job) -> None:
         try:
             def cancelled() -> bool:
                 return job.id in self.cancels or self.stopping.is_set()
 
             pipeline = self.models.get(job.model, cancelled)
-            request = job_request(job.params, queue.init_image(job.id))
+            request = job_request(job.params, jobs.queue.init_image(job.id))
             on_step = progress_reporter(job.id, self._emit, self.wants_preview)
             result = pipeline.generate(request, on_step=on_step, cancelled=cancelled)
             self.models.touch(job.model)
             pngs = encode_result(result, job.model)
-            outputs = write_job_outputs(queue.output_paths(job.id, len(pngs)), pngs)
-        except Cancelled:
-            # Either outcome may have been recorded already: a daemon that stopped while this
-            # worker was inside a model call settled the job itself (Server._settle_running).
-            if job.id in self.cancels:
-                if queue.cancelled(job.id) is not None:
-                    self._emit(topic, {"type": "job.cancelled", "job": job.id})
-            elif queue.requeue(job.id) is not None:
-                self._emit(topic, {"type": "job.requeued", "job": job.id, "reason": "daemon stopping"})
-            return
-        except EngineError as exc:
-            self._failed(queue, job, exc.code, str(exc))
-            return
-        except OSError as exc:
-            self._failed(queue, job, Code.OUTPUT_ERROR, f"cannot write the image: {exc}")
-            return
         except Exception as exc:
-            log.exception("job %s failed", job.id)
-            self._failed(queue, job, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+            # A stop that found this worker inside a model call may have settled the job already
+            # (Jobs.settle_running): jobs records and announces only the first outcome.
+            jobs.ended(job.id, outcome(job.id, exc, cancel_asked=job.id in self.cancels))
             return
         finally:
             self.cancels.discard(job.id)
-        done = summary(result)
-        if queue.done(job.id, outputs, done) is not None:
-            self._emit(topic, {"type": "job.done", "job": job.id, "outputs": outputs, **done})
-
-    def _failed(self, queue: JobQueue, job: Job, code: str, message: str) -> None:
-        if queue.fail(job.id, code, message) is not None:
-            self._emit(f"job.{job.id}".encode(), {"type": "job.failed", "job": job.id, "code": code, "message": message})
+        jobs.done(job.id, pngs, summary(result))
