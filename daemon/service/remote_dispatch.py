@@ -182,7 +182,8 @@ class RemoteWorkers:
                 or not all(isinstance(p, bytes) and p.startswith(_PNG_SIGNATURE) for p in pngs)):
             self.jobs.failed(job_id, Code.INTERNAL, f"worker {peer.name} sent a result that is not the job's PNGs")
             return
-        raw = message.get("summary") if isinstance(message.get("summary"), dict) else {}
+        raw = message.get("summary")
+        raw = raw if isinstance(raw, dict) else {}
         summary = {key: raw[key] for key in _SUMMARY_FIELDS if key in raw and _json_safe(raw[key])}
         self.jobs.done(job_id, pngs, summary, worker=peer.name)
 

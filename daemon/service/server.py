@@ -45,6 +45,7 @@ from ..engine.pipeline import Request, resolve
 from ..errors import EngineError, ModelNotDownloaded
 from ..models import catalog, store
 from ..models.catalog import ALIASES
+from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from ..models.ref import parse
 from .downloader import Downloader
@@ -117,7 +118,7 @@ class Server:
         self.topic_seqs: dict[bytes, int] = {}
         self.remote_request = False  # whether the batch in hand came over TCP
         self.stop_requested = False
-        self.models: dict[str, ModelFolder] = {}
+        self.models: dict[str, ModelFolder | CoreMLFolder] = {}
         self.outbox: list[tuple[bytes, dict[str, Any]]] = []  # events of the batch in hand, sent after commit
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -269,7 +270,7 @@ class Server:
     def _requests(self, router: zmq.Socket) -> None:
         # Requests from another machine (TCP) may not name paths on this one: see _op_submit.
         self.remote_request = router is not self.routers[0]
-        batch = []
+        batch: list[list[bytes]] = []
         while len(batch) < BATCH:
             try:
                 batch.append(router.recv_multipart(zmq.NOBLOCK))
@@ -329,7 +330,7 @@ class Server:
             reply = error(request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
         return [*envelope, pack(reply)]
 
-    def _model(self, name: str) -> ModelFolder | None:
+    def _model(self, name: str) -> ModelFolder | CoreMLFolder | None:
         """The model's facts for validation; None for a Hub model that its job will download."""
         if name not in self.models:
             try:
