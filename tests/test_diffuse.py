@@ -26,9 +26,12 @@ def diffuse(daemon, *args: str, timeout: float = 120) -> subprocess.CompletedPro
 
 
 def start_diffuse(daemon, *args: str) -> subprocess.Popen:
+    """`diffuse` as a terminal starts it: Ctrl-C's SIGINT at its default, even when the suite itself
+    runs in the background, where the shell hands its children SIGINT ignored."""
     return subprocess.Popen(
         [sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(daemon.runtime_dir), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
