@@ -4,7 +4,7 @@ catalog name (`sd15`, standing for its Hub repo), a Hub repo (`org/name[@revisio
 The filesystem is never asked, so the daemon, a remote worker and the queue read a name the same
 way wherever they run. A folder is named as a path (`/…`, `~…`, `./…`, `../…`) or by anything that
 is neither an alias nor Hub-shaped; a client turns a folder in its own working directory into an
-absolute path before the name leaves it (clients/cli.py's `model_name`).
+absolute path before the name leaves it (clients/arguments.py's `model_name`).
 """
 
 from __future__ import annotations
