@@ -65,6 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusiond.daemon.engine import schedulers
 from diffusiond.daemon.engine.noise import noise_source
 from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes import Conditioning
 from diffusiond.daemon.engine.runtimes.torch_runtime import TorchRuntime, TorchSettings
 from diffusiond.daemon.models.catalog import TINY
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
@@ -289,7 +290,7 @@ class Bench:
         pipeline.generate(self.request)
         row.seconds = median_time(lambda: pipeline.generate(self.request), self.device, self.args.repeats)
         row.image = pipeline.generate(self.request).images[0]
-        embeds = np.zeros((2, 77, runtime.text_encoder.config.hidden_size), dtype=np.float32)
+        embeds = Conditioning(np.zeros((2, 77, runtime.text_encoder.config.hidden_size), dtype=np.float32))
         if runtime.device_loop:
             from diffusiond.daemon.engine.linear_steps import LinearPlan
 

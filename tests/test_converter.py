@@ -188,7 +188,7 @@ def test_on_a_mac_resources_holds_compiled_models_that_declare_the_packages_inpu
     for part, suffix in SWIFT_NAMES.items():
         assert describe(resources / f"{part}.mlmodelc").inputs == describe(package(out, suffix)).inputs
     folder = CoreMLFolder.open(resources, "tiny")
-    assert set(folder.parts) == set(SWIFT_NAMES) and folder.tokenizer_dir == resources
+    assert set(folder.parts) == set(SWIFT_NAMES) and folder.tokenizer_dirs == (resources,)
 
 
 def test_convert_and_the_cli_default_to_split_einsum_attention(tmp_path) -> None:

@@ -93,7 +93,7 @@ def test_a_converted_folder_opens_with_the_diffusers_models_facts(converted) -> 
     from diffusiond.daemon.engine.tokenizer import Tokenizer
 
     prompt = "a lighthouse at dusk, oil painting"
-    assert (Tokenizer(model.tokenizer_dir).encode(prompt).ids == Tokenizer(original.tokenizer_dir).encode(prompt).ids).all()
+    assert (Tokenizer(model.tokenizer_dirs[0]).encode(prompt).ids == Tokenizer(original.tokenizer_dirs[0]).encode(prompt).ids).all()
 
 
 def test_a_portrait_conversion_takes_and_asks_for_its_own_size(converted, tmp_path) -> None:
@@ -371,7 +371,7 @@ def test_hub_repos_convert_and_core_ml_repos_open(converted, tmp_path) -> None:
         "from diffusiond.daemon.models.diffusers_folder import ModelFolder\n"
         "store.pull('someone/coreml-tiny', False, lambda progress: None, compute_units='cpuAndGPU')\n"
         "m = ModelFolder.open('someone/coreml-tiny')\n"
-        "print(type(m).__name__, *m.default_shape, m.latent_channels, m.scaling_factor, sorted(m.parts), m.tokenizer_dir.name)\n"
+        "print(type(m).__name__, *m.default_shape, m.latent_channels, m.scaling_factor, sorted(m.parts), m.tokenizer_dirs[0].name)\n"
         "from diffusiond.daemon.coreml.converter import convert\n"
         f"convert('someone/tiny', __import__('pathlib').Path({str(tmp_path / 'out')!r}), parts=('TextEncoder',))\n"
     )

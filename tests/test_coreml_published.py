@@ -26,6 +26,7 @@ import pytest
 from diffusiond.clients.protocol import Event
 from diffusiond.daemon.coreml.hardware import parse_sysctl
 from diffusiond.daemon.engine.pipeline import Request, resolve
+from diffusiond.daemon.engine.runtimes import Conditioning
 from diffusiond.daemon.errors import ModelInvalid
 from diffusiond.daemon.models import catalog, coreml_layout
 from diffusiond.daemon.models.coreml_folder import CoreMLFolder
@@ -90,7 +91,7 @@ def test_a_folder_with_a_unet_and_its_chunks_loads_only_the_chunks(tmp_path, mon
     assert sorted(loaded) == ["TextEncoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc",
                               "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc"]
     latents = np.zeros((2, 4, 64, 64), np.float32)
-    assert runtime.predict_noise(latents, np.float32(981), np.zeros((2, 77, 1024), np.float32)).shape == latents.shape
+    assert runtime.predict_noise(latents, np.float32(981), Conditioning(np.zeros((2, 77, 1024), np.float32))).shape == latents.shape
 
 
 @pytest.mark.parametrize(("network", "inputs", "named"), [

@@ -29,9 +29,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.runtime, name)
 
-    def predict_noise(self, sample, timestep, hidden_states):
+    def predict_noise(self, sample, timestep, conditioning):
         self.unet_batches.append(sample.shape[0])
-        return self.runtime.predict_noise(sample, timestep, hidden_states)
+        return self.runtime.predict_noise(sample, timestep, conditioning)
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,10 @@ class FirstUnetInput(Recording):
         self.moments = self.runtime.encode(pixels)
         return self.moments
 
-    def predict_noise(self, sample, timestep, hidden_states):
+    def predict_noise(self, sample, timestep, conditioning):
         if self.first_sample is None:
             self.first_sample = sample
-        return super().predict_noise(sample, timestep, hidden_states)
+        return super().predict_noise(sample, timestep, conditioning)
 
 
 def test_numpy_img2img_draws_the_start_noise_then_the_encoders_sample_as_apple_does(tiny, runtime) -> None:
@@ -218,11 +218,11 @@ def test_a_truncated_prompt_keeps_the_end_token_and_apples_first_76_hidden_state
     words = " ".join(f"lighthouse{i}" for i in range(60))
     from transformers import CLIPTokenizer
 
-    clip = CLIPTokenizer.from_pretrained(str(tiny.tokenizer_dir))
+    clip = CLIPTokenizer.from_pretrained(str(tiny.tokenizer_dirs[0]))
     apples = np.asarray(clip(words).input_ids[:77], dtype=np.int64)
-    ours = pipeline.tokenizer.encode(words).ids
+    ours = pipeline.tokenizers[0].encode(words).ids
     assert ours[-1] == clip.eos_token_id and apples[-1] != clip.eos_token_id
-    hidden = pipeline.runtime.encode_text(np.stack([ours, apples]))
+    hidden = pipeline.runtime.encode_text([np.stack([ours, apples])]).hidden
     np.testing.assert_allclose(hidden[0, :76], hidden[1, :76], atol=1e-5)
     assert not np.allclose(hidden[0, 76], hidden[1, 76], atol=1e-3)
 

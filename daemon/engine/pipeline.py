@@ -24,7 +24,7 @@ from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
-from .runtimes import Runtime, StepCallback
+from .runtimes import Conditioning, Runtime, StepCallback
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class Pipeline:
         self.model = model
         self.runtime = runtime
         self.limits = limits
-        self.tokenizer = Tokenizer(model.tokenizer_dir)
+        self.tokenizers = [Tokenizer(folder) for folder in model.tokenizer_dirs]
         self.feature_extractor: CLIPImageProcessor | None = None
         if model.has_safety_checker:
             import transformers
@@ -201,13 +201,11 @@ class Pipeline:
         scheduler.set_timesteps(r.steps)
         noise = noise_source(r.rng, r.seed)
 
-        prompt = self.tokenizer.encode(r.prompt)
         guided = r.guidance_scale > 1
-        if guided:  # the negative and the prompt in one text-encoder call: [uncond, cond]
-            both = self.runtime.encode_text(np.stack([self.tokenizer.encode(r.negative_prompt).ids, prompt.ids]))
-            embeds = np.repeat(both, r.count, axis=0)
-        else:
-            embeds = np.repeat(self.runtime.encode_text(prompt.ids[None]), r.count, axis=0)
+        # The negative and the prompt in one text-encoder call, [uncond, cond], each row per image.
+        texts = [r.negative_prompt, r.prompt] if guided else [r.prompt]
+        encoding = self.runtime.encode_text([np.stack([t.encode(text).ids for text in texts]) for t in self.tokenizers])
+        conditioning = Conditioning(encoding.hidden).take(np.repeat(np.arange(len(texts)), r.count))
 
         factor = self.model.vae_scale_factor
         shape = (r.count, self.model.latent_channels, r.height // factor, r.width // factor)
@@ -235,13 +233,13 @@ class Pipeline:
         # traced from this very scheduler (linear_steps); noise-drawing or clipping ones stay here.
         plan = linear_steps.trace(scheduler, timesteps) if self.runtime.device_loop else None
         if plan is not None:
-            latents = self.runtime.denoise(latents, embeds, plan, r.guidance_scale if guided else None, check, on_step)
+            latents = self.runtime.denoise(latents, conditioning, plan, r.guidance_scale if guided else None, check, on_step)
         else:
             for i, t in enumerate(timesteps):
                 check(i)
                 model_input = np.concatenate([latents, latents]) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                prediction = self.runtime.predict_noise(model_input, t, embeds)
+                prediction = self.runtime.predict_noise(model_input, t, conditioning)
                 if guided:
                     uncond, cond = np.split(prediction, 2)
                     prediction = uncond + np.float32(r.guidance_scale) * (cond - uncond)
@@ -259,7 +257,7 @@ class Pipeline:
             pixels[np.asarray(flagged)] = 0
         images = [np.round(image * 255).astype(np.uint8) for image in pixels]
         timings["total"] = time.perf_counter() - started
-        return Result(images, r, flagged, prompt.dropped, timings)
+        return Result(images, r, flagged, self.tokenizers[0].encode(r.prompt).dropped, timings)
 
     def _encode_image(self, init_image: Image.Image, r: Resolved, noise: schedulers.Noise) -> np.ndarray:
         """The init image's latents, sampled from the VAE encoder's distribution as diffusers does."""

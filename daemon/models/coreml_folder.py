@@ -247,12 +247,13 @@ class CoreMLFolder:
         return self.facts["scheduler_config"]
 
     @cached_property
-    def tokenizer_dir(self) -> Path:
-        """The folder with vocab.json and merges.txt: the models' own, else the repo's top (two up)."""
+    def tokenizer_dirs(self) -> tuple[Path, ...]:
+        """The folder with vocab.json and merges.txt (the models' own, else the repo's top, two up),
+        once per text encoder."""
         folder = find_tokenizer(self.path)
         if folder is None:
             raise ModelInvalid(f"Core ML model {self.name} lacks vocab.json and merges.txt in {self.path}")
-        return folder
+        return (folder,)
 
     @property
     def has_safety_checker(self) -> bool:

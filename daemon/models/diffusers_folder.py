@@ -97,8 +97,9 @@ class ModelFolder:
         return self.default_size, self.default_size
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
+    def tokenizer_dirs(self) -> tuple[Path, ...]:
+        """One tokenizer per text encoder, in the order the runtime takes their ids."""
+        return (self.path / "tokenizer",)
 
     def _has(self, part: str) -> bool:
         entry = self.index.get(part)

@@ -5,7 +5,8 @@ Each runtime implements :class:`Runtime`; the arrays are float32 except token id
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -25,15 +26,37 @@ BeforeStep = Callable[[int], None]
 StepCallback = Callable[[int, int, np.ndarray], None]
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """What a model's text encoders make of a batch of prompts: families differ here, not in the loop."""
+
+    hidden: np.ndarray  # (B, 77, C): SD's last hidden states; SDXL's penultimate ones of both encoders, side by side
+    pooled: np.ndarray | None = None  # (B, P): SDXL's pooled projection of its last encoder; None for SD 1.x/2.x
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything the UNet takes besides latents and timestep, one row per UNet batch row."""
+
+    hidden: np.ndarray  # (B, 77, C) encoder_hidden_states
+    text_embeds: np.ndarray | None = None  # (B, P) SDXL: the pooled text projection
+    time_ids: np.ndarray | None = None  # (B, 6) SDXL: original size, crop, target size; (B, 5) refiner
+
+    def take(self, rows: np.ndarray | slice) -> Conditioning:
+        """These rows of every array (fancy indexing repeats rows, as a batch of images needs)."""
+        return Conditioning(self.hidden[rows], None if self.text_embeds is None else self.text_embeds[rows],
+                            None if self.time_ids is None else self.time_ids[rows])
+
+
 class Runtime(Protocol):
     # True: the pipeline hands the whole denoising loop to `denoise` (when the scheduler is linear).
     device_loop: bool
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        """(B, 77) token ids → (B, 77, C) hidden states."""
+    def encode_text(self, input_ids: Sequence[np.ndarray]) -> TextEncoding:
+        """One (B, 77) array of token ids per text encoder the model has, in order → their encoding."""
 
-    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, hidden_states: np.ndarray) -> np.ndarray:
-        """UNet: (B, 4, h, w) latents at a timestep, conditioned on (B, 77, C) → the model output."""
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning) -> np.ndarray:
+        """UNet: (B, 4, h, w) latents at a timestep, with B rows of conditioning → the model output."""
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VAE decoder: unscaled (B, 4, h, w) latents → (B, 3, H, W) images in [-1, 1]."""
@@ -44,7 +67,7 @@ class Runtime(Protocol):
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Safety checker: CLIP pixels and (B, H, W, 3) images in [0, 1] → (B,) bool, True = flagged."""
 
-    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+    def denoise(self, latents: np.ndarray, conditioning: Conditioning, plan: LinearPlan, guidance: float | None,
                 before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         """The whole denoising loop on the device, the scheduler as ``plan``; called only when
         ``device_loop`` is true. ``before_step(k)`` raises to cancel."""

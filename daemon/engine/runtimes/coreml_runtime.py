@@ -10,7 +10,7 @@ declared dtype, the text hidden states moved to (B, C, 1, 77) — and everything
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from diffusiond.clients.protocol import COMPUTE_UNITS
 
 from ...errors import InvalidParameter, ModelInvalid
 from ...models.coreml_folder import CoreMLFolder, Description
+from . import Conditioning, TextEncoding
 
 if TYPE_CHECKING:
     from ..linear_steps import LinearPlan
@@ -118,11 +119,13 @@ class CoreMLRuntime:
     def _run(self, part: str, feeds: Iterator[tuple[Feed, int]]) -> list[tuple[Feed, int]]:
         return [(self.models[part].predict(feed), real) for feed, real in feeds]
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        outputs = self._run("TextEncoder", text_encoder_inputs(self.described["TextEncoder"], input_ids))
-        return joined(outputs, "last_hidden_state")
+    def encode_text(self, input_ids: Sequence[np.ndarray]) -> TextEncoding:
+        (ids,) = input_ids
+        outputs = self._run("TextEncoder", text_encoder_inputs(self.described["TextEncoder"], ids))
+        return TextEncoding(joined(outputs, "last_hidden_state"))
 
-    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, hidden_states: np.ndarray) -> np.ndarray:
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning) -> np.ndarray:
+        hidden_states = conditioning.hidden
         if "Unet" in self.models:
             feeds = unet_inputs(self.described["Unet"], sample, timestep, hidden_states)
             return joined(self._run("Unet", feeds), "noise_pred")
@@ -145,7 +148,7 @@ class CoreMLRuntime:
         outputs = self._run("SafetyChecker", safety_inputs(self.described["SafetyChecker"], clip_input, images))
         return joined(outputs, "has_nsfw_concepts").astype(bool)
 
-    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+    def denoise(self, latents: np.ndarray, conditioning: Conditioning, plan: LinearPlan, guidance: float | None,
                 before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         raise NotImplementedError("Core ML has no device loop (device_loop is False): the pipeline runs the steps")
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,7 +25,7 @@ from transformers import CLIPTextModel
 from ...config import TORCH_SETTINGS, check_choice
 from ...errors import ModelInvalid
 from ..linear_steps import LinearPlan
-from . import BeforeStep, StepCallback
+from . import BeforeStep, Conditioning, StepCallback, TextEncoding
 
 if TYPE_CHECKING:
     from ...config import Config
@@ -165,13 +165,14 @@ class TorchRuntime:
         return host.numpy()
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._out(self.text_encoder(torch.from_numpy(input_ids).to(self.device))[0])
+    def encode_text(self, input_ids: Sequence[np.ndarray]) -> TextEncoding:
+        (ids,) = input_ids
+        return TextEncoding(self._out(self.text_encoder(torch.from_numpy(ids).to(self.device))[0]))
 
     @torch.inference_mode()
-    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, hidden_states: np.ndarray) -> np.ndarray:
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning) -> np.ndarray:
         t = torch.from_numpy(np.asarray(timestep)).to(self.device)
-        return self._out(self._unet(self._in(sample), t, encoder_hidden_states=self._in(hidden_states)).sample)
+        return self._out(self._unet(self._in(sample), t, encoder_hidden_states=self._in(conditioning.hidden)).sample)
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -189,14 +190,14 @@ class TorchRuntime:
         return np.asarray(flagged, dtype=bool)
 
     @torch.inference_mode()
-    def denoise(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+    def denoise(self, latents: np.ndarray, conditioning: Conditioning, plan: LinearPlan, guidance: float | None,
                 before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         """The whole denoising loop on the device: step k's UNet input is ``plan.inputs[k] @ atoms``,
         its guided output becomes atom k + 1. ``before_step(k)`` runs before step k is queued (it
         raises to cancel); ``on_step`` gets step k's latents while step k + 1 runs, so the device
         never waits for the host."""
-        loop = self._loop(latents.shape, embeds.shape, plan.steps, guidance is not None)
-        return loop.run(latents, embeds, plan, guidance, before_step, on_step)
+        loop = self._loop(latents.shape, conditioning.hidden.shape, plan.steps, guidance is not None)
+        return loop.run(latents, conditioning.hidden, plan, guidance, before_step, on_step)
 
     @property
     def has_warm_up(self) -> bool:
@@ -209,16 +210,16 @@ class TorchRuntime:
         started = time.perf_counter()
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (count, self.unet.config.in_channels, height // factor, width // factor)
-        embeds = np.zeros((2 * count, 77, self.text_encoder.config.hidden_size), dtype=np.float32)
+        conditioning = Conditioning(np.zeros((2 * count, 77, self.text_encoder.config.hidden_size), dtype=np.float32))
         latents = np.zeros(shape, dtype=np.float32)
         if self.device_loop:
             n = steps
             plan = LinearPlan(
                 np.full(n, 999.0), np.zeros((n, n + 1), np.float32), np.zeros((n + 1, n + 1), np.float32)
             )
-            latents = self.denoise(latents, embeds, plan, 7.5, lambda k: None, None)
+            latents = self.denoise(latents, conditioning, plan, 7.5, lambda k: None, None)
         else:
-            self.predict_noise(np.concatenate([latents, latents]), np.asarray(999), embeds)
+            self.predict_noise(np.concatenate([latents, latents]), np.asarray(999), conditioning)
         self.decode(latents)
         return time.perf_counter() - started
 
