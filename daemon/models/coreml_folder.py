@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelInvalid
+from .family import SD
 
 FACTS_FILE = "diffusiond.json"
 PARTS = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")  # what `diffusiond convert` makes
@@ -177,6 +178,9 @@ class CoreMLFolder:
     name: str
     runtime = "coreml"
     fixed_size = True  # Core ML models take the one size they were converted for
+    family = SD  # ModelFolder's model facts, with Stable Diffusion 1.x/2.x's values
+    force_zeros_for_empty_prompt = False
+    requires_aesthetics_score = False
 
     @classmethod
     def open(cls, path: Path, name: str) -> CoreMLFolder:

@@ -1,8 +1,9 @@
 """A Stable Diffusion model on disk in diffusers' folder layout, and the facts the pipeline needs.
 
-The pipeline reads these facts rather than assuming SD 1.5: the VAE's downscale factor, latent
-channels and scaling factor, the default size the UNet was trained at, the scheduler config, and
-which optional parts (safety checker, VAE encoder for img2img) the model ships.
+The pipeline reads these facts rather than assuming SD 1.5: the family (SD 1.x/2.x, SDXL, the
+SDXL refiner, from model_index.json), the VAE's downscale factor, latent channels and scaling
+factor, the default size the UNet was trained at, the scheduler config, the text encoders'
+tokenizers, SDXL's conditioning switches, and which optional parts (safety checker) it ships.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from ..errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
 from . import store
 from .catalog import ALIASES
 from .coreml_folder import CoreMLFolder, is_coreml_folder
+from .family import SD, SDXL, SDXL_REFINER, TITLES
 from .ref import parse
 
-_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_COMMON = ("unet", "vae", "scheduler")
+# The folders each family loads; the text encoders' tokenizers in the order the runtime takes their ids.
+_TEXT_PARTS = {
+    SD: ("text_encoder", "tokenizer"),
+    SDXL: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    SDXL_REFINER: ("text_encoder_2", "tokenizer_2"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,15 @@ class ModelFolder:
                 f"give a folder in diffusers layout, a Hub id (org/name), or one of: {', '.join(ALIASES)}"
             )
         folder = cls(path.resolve(), name)
-        missing = [part for part in _REQUIRED if not (folder.path / part).is_dir()]
-        if missing:
+        missing = [part for part in (*_COMMON, *_TEXT_PARTS[folder.family]) if not (folder.path / part).is_dir()]
+        if missing and folder.family == SD:
             raise ModelInvalid(f"model {name} lacks {', '.join(missing)} in {folder.path}")
+        if missing:
+            raise ModelInvalid(
+                f"model {name} is {TITLES[folder.family]} (model_index.json: {folder.index.get('_class_name')}) and "
+                f"lacks {', '.join(missing)} in {folder.path}; {TITLES[folder.family]} needs "
+                f"{', '.join(_TEXT_PARTS[folder.family])}: copy or download the whole model"
+            )
         return folder
 
     def _json(self, *parts: str) -> dict[str, Any]:
@@ -96,10 +110,30 @@ class ModelFolder:
         """(width, height) when a request gives none: the UNet's training size."""
         return self.default_size, self.default_size
 
+    @cached_property
+    def family(self) -> str:
+        """SDXL from its pipeline class (StableDiffusionXLPipeline, …Img2ImgPipeline); the refiner is
+        the SDXL img2img model with only the second text encoder and aesthetic-score conditioning."""
+        if not str(self.index.get("_class_name", "")).startswith("StableDiffusionXL"):
+            return SD
+        if self.requires_aesthetics_score and not self._has("text_encoder"):
+            return SDXL_REFINER
+        return SDXL
+
     @property
     def tokenizer_dirs(self) -> tuple[Path, ...]:
         """One tokenizer per text encoder, in the order the runtime takes their ids."""
-        return (self.path / "tokenizer",)
+        return tuple(self.path / part for part in _TEXT_PARTS[self.family] if part.startswith("tokenizer"))
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: an empty negative prompt is zeros, not the encoding of "" (diffusers' default: true)."""
+        return self.family != SD and bool(self.index.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """The UNet's size conditioning ends in an aesthetic score rather than the target size (the refiner)."""
+        return bool(self.index.get("requires_aesthetics_score", False))
 
     def _has(self, part: str) -> bool:
         entry = self.index.get(part)

@@ -21,10 +21,10 @@ from diffusiond.clients.protocol import Code
 from ..errors import Cancelled, EngineError, ModelNotFound
 from . import coreml_layout
 from .ref import parse
-_SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json")
+_SMALL = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "feature_extractor/*", "*/config.json")
 _WEIGHTS = {
     "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-    "text_encoder": "model", "safety_checker": "model",
+    "text_encoder": "model", "text_encoder_2": "model", "safety_checker": "model",
 }
 PROGRESS_INTERVAL = 0.25  # seconds between download progress reports
 
