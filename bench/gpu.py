@@ -290,7 +290,7 @@ class Bench:
         pipeline.generate(self.request)
         row.seconds = median_time(lambda: pipeline.generate(self.request), self.device, self.args.repeats)
         row.image = pipeline.generate(self.request).images[0]
-        embeds = Conditioning(np.zeros((2, 77, runtime.text_encoder.config.hidden_size), dtype=np.float32))
+        embeds = Conditioning(np.zeros((2, 77, runtime.unet.config.cross_attention_dim), dtype=np.float32))
         if runtime.device_loop:
             from diffusiond.daemon.engine.linear_steps import LinearPlan
 

@@ -4,6 +4,10 @@ On CUDA it keeps what a warm daemon can afford (docs/gpu.md): half precision, ch
 UNet and VAE decoder compiled once per shape, and the whole denoising loop on the device — the
 scheduler as a coefficient table traced by the pipeline (daemon/engine/linear_steps.py), guidance in the
 same batch, each step one CUDA graph replay — with no host sync inside the loop.
+
+SDXL folders load their second text encoder (CLIPTextModelWithProjection) beside or, for the
+refiner, instead of the first; the UNet then takes the pooled text projection and the size
+conditioning as `added_cond_kwargs`, as diffusers' StableDiffusionXLPipeline calls it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ...config import TORCH_SETTINGS, check_choice
 from ...errors import ModelInvalid
@@ -97,11 +101,20 @@ if not _LOW_MEMORY:
     log.info("accelerate is not installed: each model load briefly holds its weights twice in memory")
 
 
+def _variant(folder: Path) -> str | None:
+    """"fp16" when the folder holds only fp16-variant weights (what models/store.py fetches for a
+    GPU when the repo has them): from_pretrained finds those only when asked for the variant."""
+    weights = [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
+    return "fp16" if weights and all(".fp16." in name for name in weights) else None
+
+
 def _load(kind: type[_Network], folder: Path, **options: object) -> _Network:
     """One network from its folder; a file that is missing, truncated or not weights is the
     model's fault (model_invalid, naming the file), not the output's or a bug's."""
     try:
-        return kind.from_pretrained(folder, low_cpu_mem_usage=_LOW_MEMORY, **options)  # type: ignore[attr-defined]
+        return kind.from_pretrained(  # type: ignore[attr-defined,no-any-return]
+            folder, low_cpu_mem_usage=_LOW_MEMORY, variant=_variant(folder), **options
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         weights = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
         where = weights[0] if len(weights) == 1 else folder
@@ -123,9 +136,19 @@ class TorchRuntime:
         self.device = pick_device(device)
         self.settings = settings
         self.dtype = settings.dtype(self.device)
-        self.text_encoder = _load(CLIPTextModel, folder / "text_encoder", torch_dtype=self.dtype).to(self.device).eval()
+        # SD: text_encoder; SDXL: text_encoder and text_encoder_2; the SDXL refiner: text_encoder_2.
+        self.text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection] = [
+            _load(kind, folder / part, torch_dtype=self.dtype).to(self.device).eval()
+            for part, kind in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))
+            if (folder / part / "config.json").is_file()
+        ]
+        self.sdxl = (folder / "text_encoder_2" / "config.json").is_file()
         self.unet = _load(UNet2DConditionModel, folder / "unet", torch_dtype=self.dtype).to(self.device).eval()
-        self.vae = _load(AutoencoderKL, folder / "vae", torch_dtype=self.dtype).to(self.device).eval()
+        # SDXL's VAE overflows in float16: diffusers' SDXL pipelines run it in float32 when its config says force_upcast.
+        vae_config = AutoencoderKL.load_config(folder / "vae")
+        upcast = self.sdxl and self.dtype == torch.float16 and bool(vae_config.get("force_upcast", True))
+        self.vae_dtype = torch.float32 if upcast else self.dtype
+        self.vae = _load(AutoencoderKL, folder / "vae", torch_dtype=self.vae_dtype).to(self.device).eval()
         self.safety_checker = None
         if with_safety_checker:
             from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -150,8 +173,8 @@ class TorchRuntime:
             self._decode = torch.compile(self.vae.decode, fullgraph=True, dynamic=False)
         self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
 
-    def _in(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+    def _in(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)
         return tensor.contiguous(memory_format=self.memory_format) if tensor.ndim == 4 else tensor
 
     def _out(self, tensor: torch.Tensor) -> np.ndarray:
@@ -166,21 +189,41 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def encode_text(self, input_ids: Sequence[np.ndarray]) -> TextEncoding:
-        (ids,) = input_ids
-        return TextEncoding(self._out(self.text_encoder(torch.from_numpy(ids).to(self.device))[0]))
+        """SD: the last hidden states. SDXL (diffusers' encode_prompt, clip_skip None): each encoder's
+        penultimate hidden states, side by side, and the last encoder's pooled projection."""
+        if len(input_ids) != len(self.text_encoders):
+            raise ValueError(f"{len(input_ids)} id arrays for {len(self.text_encoders)} text encoders")
+        if not self.sdxl:
+            (ids,), (encoder,) = input_ids, self.text_encoders
+            return TextEncoding(self._out(encoder(torch.from_numpy(ids).to(self.device))[0]))
+        hidden, pooled = [], None
+        for ids, encoder in zip(input_ids, self.text_encoders):
+            output = encoder(torch.from_numpy(ids).to(self.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # CLIPTextModelWithProjection's text_embeds, the last encoder's
+        assert pooled is not None
+        return TextEncoding(self._out(torch.cat(hidden, dim=-1)), self._out(pooled))
+
+    def _added(self, conditioning: Conditioning) -> dict[str, Any]:
+        """The UNet's keyword arguments beside sample and timestep: SDXL's added_cond_kwargs too."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self._in(conditioning.hidden)}
+        if conditioning.text_embeds is not None and conditioning.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self._in(conditioning.text_embeds),
+                                           "time_ids": self._in(conditioning.time_ids)}
+        return kwargs
 
     @torch.inference_mode()
     def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning) -> np.ndarray:
         t = torch.from_numpy(np.asarray(timestep)).to(self.device)
-        return self._out(self._unet(self._in(sample), t, encoder_hidden_states=self._in(conditioning.hidden)).sample)
+        return self._out(self._unet(self._in(sample), t, **self._added(conditioning)).sample)
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._out(self._decode(self._in(latents)).sample)
+        return self._out(self._decode(self._in(latents, self.vae_dtype)).sample)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return self._out(self.vae.encode(self._in(images)).latent_dist.parameters)
+        return self._out(self.vae.encode(self._in(images, self.vae_dtype)).latent_dist.parameters)
 
     @torch.inference_mode()
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -196,8 +239,8 @@ class TorchRuntime:
         its guided output becomes atom k + 1. ``before_step(k)`` runs before step k is queued (it
         raises to cancel); ``on_step`` gets step k's latents while step k + 1 runs, so the device
         never waits for the host."""
-        loop = self._loop(latents.shape, conditioning.hidden.shape, plan.steps, guidance is not None)
-        return loop.run(latents, conditioning.hidden, plan, guidance, before_step, on_step)
+        loop = self._loop(latents.shape, _shapes(conditioning), plan.steps, guidance is not None)
+        return loop.run(latents, conditioning, plan, guidance, before_step, on_step)
 
     @property
     def has_warm_up(self) -> bool:
@@ -210,7 +253,13 @@ class TorchRuntime:
         started = time.perf_counter()
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (count, self.unet.config.in_channels, height // factor, width // factor)
-        conditioning = Conditioning(np.zeros((2 * count, 77, self.text_encoder.config.hidden_size), dtype=np.float32))
+        conditioning = Conditioning(np.zeros((2 * count, 77, self.unet.config.cross_attention_dim), dtype=np.float32))
+        if self.sdxl:
+            # The pooled projection's width and the number of size ids, from the UNet's added embedding.
+            pooled = self.text_encoders[-1].config.projection_dim
+            ids = (self.unet.config.projection_class_embeddings_input_dim - pooled) // self.unet.config.addition_time_embed_dim
+            conditioning = Conditioning(conditioning.hidden, np.zeros((2 * count, pooled), np.float32),
+                                        np.full((2 * count, ids), float(height), np.float32))
         latents = np.zeros(shape, dtype=np.float32)
         if self.device_loop:
             n = steps
@@ -223,24 +272,32 @@ class TorchRuntime:
         self.decode(latents)
         return time.perf_counter() - started
 
-    def _loop(self, shape: tuple[int, ...], embeds_shape: tuple[int, ...], steps: int, guided: bool) -> _Loop:
+    def _loop(self, shape: tuple[int, ...], conditioning: _Shapes, steps: int, guided: bool) -> _Loop:
         # Step counts share a loop up to a power of two, so 20 and 25 steps reuse one graph.
         capacity = max(16, 1 << steps.bit_length())
-        key = (shape, embeds_shape, capacity, guided)
+        key = (shape, conditioning, capacity, guided)
         if key in self._loops:
             self._loops.move_to_end(key)
             return self._loops[key]
         while len(self._loops) >= MAX_LOOPS:
             self._loops.popitem(last=False)
-        self._loops[key] = _Loop(self, shape, embeds_shape, capacity, guided)
+        self._loops[key] = _Loop(self, shape, conditioning, capacity, guided)
         return self._loops[key]
 
 
+# The shapes of a Conditioning's arrays (hidden, text_embeds, time_ids; None where it has none).
+_Shapes = tuple[tuple[int, ...] | None, ...]
+
+
+def _shapes(conditioning: Conditioning) -> _Shapes:
+    return tuple(None if a is None else a.shape for a in (conditioning.hidden, conditioning.text_embeds, conditioning.time_ids))
+
+
 class _Loop:
-    """Static buffers (and, on CUDA, a captured graph) for one latent shape and step capacity."""
+    """Static buffers (and, on CUDA, a captured graph) for one latent shape, conditioning shapes and step capacity."""
 
     def __init__(
-        self, runtime: TorchRuntime, shape: tuple[int, ...], embeds_shape: tuple[int, ...], capacity: int, guided: bool
+        self, runtime: TorchRuntime, shape: tuple[int, ...], conditioning: _Shapes, capacity: int, guided: bool
     ) -> None:
         self.runtime, self.capacity, self.guided = runtime, capacity, guided
         device, dtype = runtime.device, runtime.dtype
@@ -248,7 +305,8 @@ class _Loop:
         self.row = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.timestep = torch.zeros((), dtype=torch.float32, device=device)
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        self.embeds = torch.zeros(embeds_shape, dtype=dtype, device=device)
+        # encoder_hidden_states, and SDXL's text_embeds and time_ids: one static buffer each.
+        self.conditioning = [None if s is None else torch.zeros(s, dtype=dtype, device=device) for s in conditioning]
         self.output = torch.zeros(shape, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         if runtime.graphs:
@@ -261,7 +319,11 @@ class _Loop:
         if self.guided:
             sample = torch.cat([sample, sample])
         sample = sample.contiguous(memory_format=runtime.memory_format)
-        prediction = runtime._unet(sample, self.timestep, encoder_hidden_states=self.embeds).sample.float()
+        hidden, text_embeds, time_ids = self.conditioning
+        kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
+        if text_embeds is not None and time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        prediction = runtime._unet(sample, self.timestep, **kwargs).sample.float()
         if self.guided:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + self.scale * (cond - uncond)
@@ -279,7 +341,7 @@ class _Loop:
             self._step()
         return graph
 
-    def run(self, latents: np.ndarray, embeds: np.ndarray, plan: LinearPlan, guidance: float | None,
+    def run(self, latents: np.ndarray, conditioning: Conditioning, plan: LinearPlan, guidance: float | None,
             before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         runtime, n = self.runtime, plan.steps
         device = runtime.device
@@ -292,7 +354,9 @@ class _Loop:
         inputs, rows, timesteps = (t.to(device, non_blocking=cuda) for t in (inputs, rows, timesteps))
         self.atoms.zero_()
         self.atoms[0].copy_(torch.from_numpy(latents))
-        self.embeds.copy_(torch.from_numpy(embeds))
+        for buffer, array in zip(self.conditioning, (conditioning.hidden, conditioning.text_embeds, conditioning.time_ids)):
+            if buffer is not None and array is not None:
+                buffer.copy_(torch.from_numpy(array))
         self.scale.fill_(guidance or 0.0)
         pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         for k in range(n):
