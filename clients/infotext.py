@@ -29,6 +29,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "RNG": ("rng", str),
     "Denoising strength": ("strength", float),
     "Batch size": ("count", int),
+    "Refiner": ("refiner", str),
+    "Refiner switch at": ("refiner_switch", float),
 }
 # Written for the record, not settings a new job takes.
 _RECORD_ONLY = {"Batch pos", "Version", "Prompt truncated", "Safety checker", "NSFW"}

@@ -1,9 +1,13 @@
-"""The one Stable Diffusion pipeline, for every runtime: txt2img and img2img.
+"""The one Stable Diffusion pipeline, for every runtime and model family: txt2img and img2img.
 
-It mirrors diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step, so
-the same prompt, seed and latents give the same image (tests hold it to 2/255 per pixel). The
-runtime only runs the networks; tokenizing, guidance, the denoising loop, noise, safety and
-post-processing happen here once.
+It mirrors diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline and, for SDXL,
+StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline step for step, so the same prompt,
+seed and latents give the same image (tests hold it to 2/255 per pixel). The runtime only runs the
+networks; tokenizing, guidance, the denoising loop, noise, safety and post-processing happen here
+once. Families differ only in the conditioning the loop hands the UNet (:meth:`Pipeline._conditioning`).
+SDXL base + refiner is diffusers' ensemble of experts: the base runs the timesteps above the switch
+point (``denoising_end``), its latents go straight to the refiner, which runs the rest with its own
+scheduler (``denoising_start``); one decode, one image.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..config import MIN_SIZE, Limits
 from ..errors import Cancelled, InvalidParameter
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
+from ..models.family import SD, SDXL, SDXL_REFINER, TITLES
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
 from .runtimes import Conditioning, Runtime, StepCallback
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
     from transformers import CLIPImageProcessor
 
 MAX_SEED = 2**32 - 1
+# StableDiffusionXLImg2ImgPipeline's defaults for a refiner's size conditioning (requires_aesthetics_score).
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class Request:
     init_image: Image.Image | None = None
     strength: float = 0.75
     safety_checker: bool = True
+    refiner: str | None = None  # an SDXL refiner model's name: base + refiner in one job
+    refiner_switch: float = 0.8  # the share of the schedule the base runs (diffusers' denoising_end)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,8 @@ class Resolved:
     init_image: Image.Image | None
     strength: float
     safety_checker: bool
+    refiner: str | None
+    refiner_switch: float
 
 
 @dataclass
@@ -94,18 +106,22 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+Model = ModelFolder | CoreMLFolder
+
+
 @overload
-def resolve(request: Request, model: ModelFolder | CoreMLFolder, limits: Limits = ...) -> Resolved: ...
+def resolve(request: Request, model: Model, limits: Limits = ..., refiner: Model | None = ...) -> Resolved: ...
 @overload
-def resolve(request: Request, model: None, limits: Limits = ...) -> Request: ...
+def resolve(request: Request, model: None, limits: Limits = ..., refiner: Model | None = ...) -> Request: ...
 @overload
-def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = ...) -> Request | Resolved: ...
-def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: Limits = Limits()) -> Request | Resolved:
+def resolve(request: Request, model: Model | None, limits: Limits = ..., refiner: Model | None = ...) -> Request | Resolved: ...
+def resolve(request: Request, model: Model | None, limits: Limits = Limits(), refiner: Model | None = None) -> Request | Resolved:
     """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed.
 
     Without the model (a Hub model not downloaded yet) what depends on it — the default size, the
     VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again:
-    the answer is then still a Request, with its seed drawn so that the job records it.
+    the answer is then still a Request, with its seed drawn so that the job records it. So does
+    what depends on the refiner model (``refiner``, the one ``request.refiner`` names) without it.
     """
     r = request
     _check(isinstance(r.prompt, str), "prompt", f"must be text, got {type(r.prompt).__name__}")
@@ -121,6 +137,10 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
            f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
     _check(r.rng in RNGS, "rng", f"unknown generator {r.rng!r}; choose one of {', '.join(RNGS)}")
     _check(isinstance(r.safety_checker, bool), "safety_checker", f"must be true or false, got {r.safety_checker!r}")
+    _check(r.refiner is None or isinstance(r.refiner, str) and r.refiner != "", "refiner",
+           "must be the name of an SDXL refiner model, or left out")
+    _check(_is_number(r.refiner_switch) and 0 < r.refiner_switch < 1, "refiner_switch",
+           f"must be a number above 0 and below 1 (the share of the steps the base runs; 0.8 is usual), got {r.refiner_switch!r}")
     seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     factor = model.vae_scale_factor if model else 8
@@ -143,24 +163,73 @@ def resolve(request: Request, model: ModelFolder | CoreMLFolder | None, limits: 
             _check(value is None or _is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0, name,
                    f"must be a multiple of 8 from {MIN_SIZE} to {limits.size}, got {value!r}")
         return replace(r, seed=seed, width=width, height=height)
+    _check_family(r, model, refiner)
     width = model.default_shape[0] if width is None else width
     height = model.default_shape[1] if height is None else height
     if model.fixed_size:
         for name, value, fixed in (("width", width, model.default_shape[0]), ("height", height, model.default_shape[1])):
             _check(value == fixed, name, f"this Core ML model was converted for {model.default_shape[0]}x"
                    f"{model.default_shape[1]}; convert it again for another size (diffusiond convert --resolution)")
+    native = f"{model.default_shape[0]}x{model.default_shape[1]}"
     for name, value in (("width", width), ("height", height)):
         _check(_is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0 and value % factor == 0, name,
-               f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size}, got {value!r}")
+               f"must be a multiple of {max(8, factor)} from {MIN_SIZE} to {limits.size} for this "
+               f"{TITLES[model.family]} model (native {native}), got {value!r}")
     refusal = _scheduler_refusal(r.scheduler, r.steps, model)
     if refusal:
         raise InvalidParameter(*refusal)
+    if refiner is not None:
+        begin = _img2img_begin(r.steps, r.strength) if r.init_image is not None else 0
+        base_steps, refiner_steps = _split_steps(r.scheduler, r.steps, begin, r.refiner_switch, model, refiner)
+        _check(base_steps >= 1 and refiner_steps >= 1, "refiner_switch",
+               f"at {r.refiner_switch} of {r.steps} steps the base runs {base_steps} and the refiner {refiner_steps}; "
+               "each needs at least one: raise steps or move refiner_switch")
     return Resolved(r.prompt, r.negative_prompt, r.steps, r.guidance_scale, width, height, r.count, seed, r.scheduler,
-                    r.rng, r.init_image, r.strength, r.safety_checker)
+                    r.rng, r.init_image, r.strength, r.safety_checker, r.refiner, r.refiner_switch)
+
+
+def _check_family(r: Request, model: Model, refiner: Model | None) -> None:
+    """What a model family takes: a refiner only after an SDXL base, a refiner model only as
+    img2img or as that second half."""
+    title = TITLES[model.family]
+    if r.refiner is not None:
+        _check(model.family != SD, "refiner", f"{model.name} is an {title} model; a refiner follows an "
+               f"{TITLES[SDXL]} base: leave refiner out, or give an {TITLES[SDXL]} base as model")
+        _check(model.family != SDXL_REFINER, "refiner", f"{model.name} is itself an {title}; give the "
+               f"{TITLES[SDXL]} base as model and {model.name} as refiner")
+    if refiner is not None and refiner.family != SDXL_REFINER:
+        raise InvalidParameter("refiner", f"{refiner.name} is an {TITLES[refiner.family]} model, not an "
+                               f"{TITLES[SDXL_REFINER]} (model_index.json: requires_aesthetics_score, no text_encoder); "
+                               f"give an {TITLES[SDXL_REFINER]} model")
+    _check(model.family != SDXL_REFINER or r.init_image is not None, "init_image",
+           f"{model.name} is an {title}, which refines an image: give init_image (img2img), or give an "
+           f"{TITLES[SDXL]} base as model and {model.name} as its refiner")
+
+
+def _img2img_begin(steps: int, strength: float) -> int:
+    """The first timestep img2img runs (diffusers' get_timesteps without denoising_start)."""
+    return steps - min(int(steps * strength), steps)
+
+
+def _cutoff(switch: float, model: Model) -> int:
+    """diffusers' discrete_timestep_cutoff: the base runs timesteps at or above it, the refiner those below."""
+    train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    return int(round(train - switch * train))
 
 
 @lru_cache(maxsize=1024)
-def _scheduler_refusal(scheduler: str, steps: int, model: ModelFolder | CoreMLFolder) -> tuple[str, str] | None:
+def _split_steps(scheduler: str, steps: int, begin: int, switch: float, base: Model, refiner: Model) -> tuple[int, int]:
+    """How many steps the base and the refiner run for a switch point (cached: asked at every submit)."""
+    first = schedulers.create(scheduler, base.scheduler_config)
+    first.set_timesteps(steps)
+    second = schedulers.create(scheduler, refiner.scheduler_config)
+    second.set_timesteps(steps)
+    return (int(np.sum(first.timesteps[begin:] >= _cutoff(switch, base))),
+            int(np.sum(second.timesteps < _cutoff(switch, refiner))))
+
+
+@lru_cache(maxsize=1024)
+def _scheduler_refusal(scheduler: str, steps: int, model: Model) -> tuple[str, str] | None:
     """The field and reason when the scheduler refuses this model's config or this step count;
     cached, since the daemon asks at every submit."""
     try:
@@ -193,19 +262,20 @@ class Pipeline:
         request: Request,
         on_step: StepCallback | None = None,
         cancelled: Callable[[], bool] | None = None,
+        refiner: Pipeline | None = None,
     ) -> Result:
-        """Make the request's images; ``cancelled`` is asked before every UNet call and the VAE decode."""
-        r = resolve(request, self.model, self.limits)
+        """Make the request's images; ``cancelled`` is asked before every UNet call and the VAE decode.
+        ``refiner``: the warm pipeline of the refiner model ``request.refiner`` names."""
+        r = resolve(request, self.model, self.limits, None if refiner is None else refiner.model)
+        if (r.refiner is None) != (refiner is None):
+            raise ValueError("a request names a refiner exactly when its pipeline is given")
         started = time.perf_counter()
         scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
         scheduler.set_timesteps(r.steps)
         noise = noise_source(r.rng, r.seed)
 
         guided = r.guidance_scale > 1
-        # The negative and the prompt in one text-encoder call, [uncond, cond], each row per image.
-        texts = [r.negative_prompt, r.prompt] if guided else [r.prompt]
-        encoding = self.runtime.encode_text([np.stack([t.encode(text).ids for text in texts]) for t in self.tokenizers])
-        conditioning = Conditioning(encoding.hidden).take(np.repeat(np.arange(len(texts)), r.count))
+        conditioning = self._conditioning(r, guided)
 
         factor = self.model.vae_scale_factor
         shape = (r.count, self.model.latent_channels, r.height // factor, r.width // factor)
@@ -213,7 +283,7 @@ class Pipeline:
         if r.init_image is None:
             latents = noise(shape) * np.float32(scheduler.init_noise_sigma)
         else:
-            begin = r.steps - min(int(r.steps * r.strength), r.steps)
+            begin = _img2img_begin(r.steps, r.strength)
             timesteps = timesteps[begin:]
             scheduler.set_begin_index(begin)
             if r.rng == "numpy":  # Apple's order (generateLatentSamples): the start noise, then the encoder's sample
@@ -223,33 +293,32 @@ class Pipeline:
                 image = self._encode_image(r.init_image, r, noise)
                 start = noise(shape)
             latents = scheduler.add_noise(image, start, timesteps[0])
+        stages = [(self, scheduler, timesteps, conditioning)]
+        if refiner is not None:
+            # denoising_end on the base, denoising_start on the refiner (its own scheduler and conditioning).
+            stages[0] = (self, scheduler, timesteps[timesteps >= _cutoff(r.refiner_switch, self.model)], conditioning)
+            second = schedulers.create(r.scheduler, refiner.model.scheduler_config)
+            second.set_timesteps(r.steps)
+            begin = len(second.timesteps) - int(np.sum(second.timesteps < _cutoff(r.refiner_switch, refiner.model)))
+            second.set_begin_index(begin)
+            stages.append((refiner, second, second.timesteps[begin:], refiner._conditioning(r, guided)))
+        total = sum(len(stage[2]) for stage in stages)
         timings = {"prepare": time.perf_counter() - started}
 
         def check(i: int) -> None:
             if cancelled is not None and cancelled():
-                raise Cancelled(f"cancelled after {i} of {len(timesteps)} steps")
+                raise Cancelled(f"cancelled after {i} of {total} steps")
 
-        # A runtime that runs the loop on its device gets the scheduler as a coefficient table
-        # traced from this very scheduler (linear_steps); noise-drawing or clipping ones stay here.
-        plan = linear_steps.trace(scheduler, timesteps) if self.runtime.device_loop else None
-        if plan is not None:
-            latents = self.runtime.denoise(latents, conditioning, plan, r.guidance_scale if guided else None, check, on_step)
-        else:
-            for i, t in enumerate(timesteps):
-                check(i)
-                model_input = np.concatenate([latents, latents]) if guided else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                prediction = self.runtime.predict_noise(model_input, t, conditioning)
-                if guided:
-                    uncond, cond = np.split(prediction, 2)
-                    prediction = uncond + np.float32(r.guidance_scale) * (cond - uncond)
-                latents = scheduler.step(prediction, t, latents, noise)
-                if on_step is not None:
-                    on_step(i + 1, len(timesteps), latents)
+        done = 0
+        for pipeline, stage_scheduler, stage_timesteps, stage_conditioning in stages:
+            latents = pipeline._denoise(latents, stage_conditioning, stage_scheduler, stage_timesteps,
+                                        r.guidance_scale if guided else None, noise, check, on_step, done, total)
+            done += len(stage_timesteps)
         timings["denoise"] = time.perf_counter() - started - timings["prepare"]
 
-        check(len(timesteps))
-        decoded = self.runtime.decode(latents / np.float32(self.model.scaling_factor))
+        check(total)
+        last = stages[-1][0]
+        decoded = last.runtime.decode(latents / np.float32(last.model.scaling_factor))
         pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         flagged = [False] * r.count
         if r.safety_checker and self.feature_extractor is not None:
@@ -258,6 +327,53 @@ class Pipeline:
         images = [np.round(image * 255).astype(np.uint8) for image in pixels]
         timings["total"] = time.perf_counter() - started
         return Result(images, r, flagged, self.tokenizers[0].encode(r.prompt).dropped, timings)
+
+    def _conditioning(self, r: Resolved, guided: bool) -> Conditioning:
+        """The UNet's conditioning, rows [negative, prompt] (or [prompt] unguided), each once per image.
+
+        As diffusers' encode_prompt: SDXL's empty negative prompt is zeros where the model says
+        force_zeros_for_empty_prompt (diffusers' negative_prompt None). SDXL's size conditioning
+        (add_time_ids): original size, crop (0, 0), target size, all the request's size; the
+        refiner's: original size, crop, aesthetic score (6, the negative 2.5)."""
+        zeros = guided and r.negative_prompt == "" and self.model.force_zeros_for_empty_prompt
+        texts = [r.negative_prompt, r.prompt] if guided and not zeros else [r.prompt]
+        encoding = self.runtime.encode_text([np.stack([t.encode(text).ids for text in texts]) for t in self.tokenizers])
+        hidden, pooled = encoding.hidden, encoding.pooled
+        if zeros:
+            hidden = np.concatenate([np.zeros_like(hidden), hidden])
+            pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
+        time_ids = None
+        if pooled is not None:
+            size = [r.height, r.width]
+            if self.model.requires_aesthetics_score:
+                cond, uncond = [*size, 0, 0, AESTHETIC_SCORE], [*size, 0, 0, NEGATIVE_AESTHETIC_SCORE]
+            else:
+                cond = uncond = [*size, 0, 0, *size]
+            time_ids = np.asarray([uncond, cond] if guided else [cond], dtype=np.float32)
+        return Conditioning(hidden, pooled, time_ids).take(np.repeat(np.arange(2 if guided else 1), r.count))
+
+    def _denoise(self, latents: np.ndarray, conditioning: Conditioning, scheduler: schedulers.Scheduler,
+                 timesteps: np.ndarray, guidance: float | None, noise: schedulers.Noise, check: Callable[[int], None],
+                 on_step: StepCallback | None, done: int, total: int) -> np.ndarray:
+        """The denoising loop over ``timesteps`` on this pipeline's model: steps ``done + 1`` … of ``total``."""
+        # A runtime that runs the loop on its device gets the scheduler as a coefficient table
+        # traced from this very scheduler (linear_steps); noise-drawing or clipping ones stay here.
+        plan = linear_steps.trace(scheduler, timesteps) if self.runtime.device_loop else None
+        if plan is not None:
+            report = None if on_step is None else lambda k, _n, x: on_step(done + k, total, x)
+            return self.runtime.denoise(latents, conditioning, plan, guidance, lambda k: check(done + k), report)
+        for i, t in enumerate(timesteps):
+            check(done + i)
+            model_input = np.concatenate([latents, latents]) if guidance is not None else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self.runtime.predict_noise(model_input, t, conditioning)
+            if guidance is not None:
+                uncond, cond = np.split(prediction, 2)
+                prediction = uncond + np.float32(guidance) * (cond - uncond)
+            latents = scheduler.step(prediction, t, latents, noise)
+            if on_step is not None:
+                on_step(done + i + 1, total, latents)
+        return latents
 
     def _encode_image(self, init_image: Image.Image, r: Resolved, noise: schedulers.Noise) -> np.ndarray:
         """The init image's latents, sampled from the VAE encoder's distribution as diffusers does."""

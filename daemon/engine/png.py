@@ -33,6 +33,10 @@ def infotext(request: Resolved, model: str, index: int = 0, flagged: bool = Fals
     }
     if request.init_image is not None:
         params["Denoising strength"] = request.strength
+    if request.refiner is not None:
+        # AUTOMATIC1111's keys (modules/processing_scripts/refiner.py reads them back).
+        params["Refiner"] = request.refiner
+        params["Refiner switch at"] = request.refiner_switch
     if request.count > 1:
         # All images of a job come from one generator: image i needs the batch to reproduce.
         params["Batch size"] = request.count
