@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--rng", choices=("numpy", "torch"))
     submit.add_argument("--init-image", type=path_argument, help="img2img: start from this image")
     submit.add_argument("--strength", type=float, help="img2img: how far to move from the init image (0–1]")
+    submit.add_argument("--refiner", help="SDXL: a refiner model (folder, alias or Hub id) that runs the last steps")
+    submit.add_argument("--refiner-switch", type=float, dest="refiner_switch",
+                        help="SDXL with --refiner: the share of the steps the base runs (0–1, default 0.8)")
     submit.add_argument("--no-safety-checker", action="store_true")
     submit.add_argument("-o", "--out", type=path_argument, help="folder for the images (default: the daemon's)")
     submit.add_argument("--priority", type=int, help="higher runs first")
@@ -129,11 +132,13 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     if "prompt" not in fields:
         raise ValueError("give a prompt, or --reuse an image")
     for name in ("negative_prompt", "steps", "guidance_scale", "seed", "scheduler", "count", "rng", "strength",
-                 "priority"):
+                 "refiner_switch", "priority"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.model is not None:
         fields["model"] = model_name(args.model)
+    if args.refiner is not None:
+        fields["refiner"] = model_name(args.refiner)
     if args.size:
         fields["width"], fields["height"] = args.size
     if args.no_safety_checker:

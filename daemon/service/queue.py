@@ -170,7 +170,7 @@ class JobQueue:
         output_name: str | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; with a key already used, the job that key made, and False. The row records
-        whether a remote worker may run it (its model means the same on another machine)."""
+        whether a remote worker may run it (its model, and refiner, mean the same on another machine)."""
         with self.transaction():
             existing = self.find_by_key(idempotency_key) if idempotency_key is not None else None
             if existing is not None:
@@ -182,7 +182,8 @@ class JobQueue:
                 "INSERT INTO jobs (id, state, priority, position, model, params, init_image, output_dir,"
                 " idempotency_key, created, output_name, portable) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, priority, self._next_position(), model, json.dumps(params), init_image, output_dir,
-                 idempotency_key, time.time(), output_name, parse(model).portable),
+                 idempotency_key, time.time(), output_name,
+                 parse(model).portable and (params.get("refiner") is None or parse(params["refiner"]).portable)),
             )
             return self.get(job_id), True
 

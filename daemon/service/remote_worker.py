@@ -72,13 +72,11 @@ class Engine(threading.Thread):
     def _run(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = job["job"]
         try:
-            pipeline = self.models.get(job["model"], lambda: job_id in self.dropped)
             request = job_request(job["params"], job["init_image"])
-            result = pipeline.generate(
-                request, on_step=progress_reporter(job_id, self._emit, lambda _topic: bool(job["previews"])),
-                cancelled=lambda: job_id in self.cancels or job_id in self.dropped,
+            result = self.models.generate(
+                job["model"], request, progress_reporter(job_id, self._emit, lambda _topic: bool(job["previews"])),
+                lambda: job_id in self.cancels or job_id in self.dropped,
             )
-            self.models.touch(job["model"])
             return {"op": "done", "job": job_id, "pngs": encode_result(result, job["model"]), "summary": summary(result)}
         except Exception as exc:
             # Dropped (the daemon is gone or forgot the job): it requeues the job itself.

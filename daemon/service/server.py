@@ -70,6 +70,7 @@ CANCEL_PENDING = ("job {job} stops before its next model call (each denoising st
 _JOB_TYPES: dict[str, type | tuple[type, ...]] = {
     "prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": (int, float), "width": int, "height": int,
     "count": int, "seed": int, "scheduler": str, "rng": str, "strength": (int, float), "safety_checker": bool,
+    "refiner": str, "refiner_switch": (int, float),
 }
 _JOB_FIELDS = set(_JOB_TYPES)
 _TYPE_NAMES: dict[Any, str] = {
@@ -368,6 +369,9 @@ class Server:
                                 "of UTF-8, without / or \\, not starting with a dot")
         if self.remote_request and not parse(model_name).portable:
             raise ProtocolError(Code.INVALID_PARAMETER, "model: from another machine, a catalog name or a Hub id")
+        refiner_name = _field(message, "refiner", str)
+        if self.remote_request and refiner_name is not None and not parse(refiner_name).portable:
+            raise ProtocolError(Code.INVALID_PARAMETER, "refiner: from another machine, a catalog name or a Hub id")
         key = _field(message, "idempotency_key", str)
         if key is not None and not 0 < len(key) <= 256:
             raise ProtocolError(Code.INVALID_PARAMETER, "idempotency_key: must be 1 to 256 characters")
@@ -383,7 +387,9 @@ class Server:
             except ValueError:
                 pass  # resolve() names the choices
         image_bytes = _field(message, "init_image", bytes)
-        request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits)
+        refiner = self._model(refiner_name) if refiner_name else None
+        request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits,
+                          refiner)
         params = {name: getattr(request, name) for name in _JOB_FIELDS}
         job, created = self.batch_jobs.submit(params, model_name, output_dir, priority, key, image_bytes,
                                               self.config.max_queued, output_name)

@@ -15,7 +15,8 @@ from typing import Any
 from diffusiond.clients.protocol import Event, model_topic
 
 from ..config import Config
-from ..engine.pipeline import Pipeline
+from ..engine.pipeline import Pipeline, Request, Result
+from ..engine.runtimes import StepCallback
 from ..errors import ModelNotDownloaded
 from ..models import catalog, store
 from ..models.diffusers_folder import ModelFolder
@@ -39,26 +40,39 @@ class WarmModels:
     def loaded(self) -> list[str]:
         return list(self.pipelines)
 
-    def get(self, name: str, cancelled: Callable[[], bool] = lambda: False) -> Pipeline:
-        """The model's warm pipeline, loaded (and downloaded) first when it is not."""
+    def get(self, name: str, cancelled: Callable[[], bool] = lambda: False, keep: str | None = None) -> Pipeline:
+        """The model's warm pipeline, loaded (and downloaded) first when it is not; loading it
+        unloads any model but ``keep`` to make room."""
         if name not in self.pipelines:
-            self.load(name, cancelled)
+            self.load(name, cancelled, keep)
         self.pipelines.move_to_end(name)
         self.last_used[name] = time.monotonic()
         return self.pipelines[name]
 
+    def generate(self, model: str, request: Request, on_step: StepCallback | None,
+                 cancelled: Callable[[], bool]) -> Result:
+        """Run a job on its model, and on its refiner (request.refiner) after it: both stay warm
+        together, the pair may hold one model more than max_loaded while it runs."""
+        pipeline = self.get(model, cancelled)
+        refiner = None if request.refiner is None else self.get(request.refiner, cancelled, keep=model)
+        result = pipeline.generate(request, on_step=on_step, cancelled=cancelled, refiner=refiner)
+        for name in (model, request.refiner):
+            if name is not None:
+                self.touch(name)
+        return result
+
     def touch(self, name: str) -> None:
         self.last_used[name] = time.monotonic()
 
-    def load(self, name: str, cancelled: Callable[[], bool] = lambda: False) -> None:
+    def load(self, name: str, cancelled: Callable[[], bool] = lambda: False, keep: str | None = None) -> None:
         """Load a model, downloading it first when it is a Hub model not yet in the cache."""
         self.loading = name
         try:
-            self._load(name, cancelled)
+            self._load(name, cancelled, keep)
         finally:
             self.loading = None
 
-    def _load(self, name: str, cancelled: Callable[[], bool]) -> None:
+    def _load(self, name: str, cancelled: Callable[[], bool], keep: str | None) -> None:
         from ..coreml.compute_units import choose
         from ..coreml.hardware import has_gpu, this_machine
         from ..engine.runtimes import open_runtime, refuse_palettized
@@ -78,8 +92,9 @@ class WarmModels:
             )
             model = ModelFolder.open(name)
             self.emit(topic, {"type": Event.MODEL_DOWNLOADED, "model": name, "path": str(model.path)})
-        while len(self.pipelines) >= self.config.max_loaded:  # room first: two big models may not fit
-            self.unload(next(iter(self.pipelines)), "least recently used")
+        # Room first: two big models may not fit. A job's base stays while its refiner loads.
+        while len(self.pipelines) >= self.config.max_loaded and any(n != keep for n in self.pipelines):
+            self.unload(next(n for n in self.pipelines if n != keep), "least recently used")
         self.emit(topic, {"type": Event.MODEL_LOADING, "model": name})
         started = time.monotonic()
         runtime = open_runtime(model, self.config, model.has_safety_checker)

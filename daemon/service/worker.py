@@ -138,11 +138,9 @@ class Worker(threading.Thread):
             def cancelled() -> bool:
                 return job.id in self.cancels or self.stopping.is_set()
 
-            pipeline = self.models.get(job.model, cancelled)
             request = job_request(job.params, jobs.queue.init_image(job.id))
             on_step = progress_reporter(job.id, self._emit, self.wants_preview)
-            result = pipeline.generate(request, on_step=on_step, cancelled=cancelled)
-            self.models.touch(job.model)
+            result = self.models.generate(job.model, request, on_step, cancelled)
             pngs = encode_result(result, job.model)
         except Exception as exc:
             # A stop that found this worker inside a model call may have settled the job already
