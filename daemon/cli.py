@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="numpy: Apple/Diffusers for Mac seeds; torch: diffusers' CPU generator seeds")
     gen.add_argument("--init-image", type=path_argument, help="img2img: start from this image")
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
+    gen.add_argument("--refiner", type=model_name, help="SDXL: a refiner model that runs the last steps")
+    gen.add_argument("--refiner-switch", type=float, default=0.8, help="with --refiner: the share of the steps the base runs")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNIT_CHOICES,
@@ -109,16 +111,18 @@ def _generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
         scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
-        safety_checker=not args.no_safety_checker,
+        safety_checker=not args.no_safety_checker, refiner=args.refiner, refiner_switch=args.refiner_switch,
     )
     model = ModelFolder.open(args.model)
-    resolve(request, model)  # every refusal before the seconds a load takes
+    refiner = ModelFolder.open(args.refiner) if args.refiner else None
+    resolve(request, model, refiner=refiner)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     # The model's own runtime, and one image: compiling or capturing graphs would not pay.
     settings = replace(load(), runtime=model.runtime, device=args.device, compute_units=args.compute_units,
                        compile="off", cuda_graphs="off")
     runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
     pipeline = Pipeline(model, runtime)
+    second = None if refiner is None else Pipeline(refiner, open_runtime(refiner, settings, False))
     progress, started = Progress(), time.monotonic()
 
     def on_step(step: int, total: int, _latents: object) -> None:
@@ -126,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         progress({"type": Event.JOB_PROGRESS, "step": step, "total": total, "eta": eta})
 
     try:
-        result = pipeline.generate(request, on_step=on_step)
+        result = pipeline.generate(request, on_step=on_step, refiner=second)
     finally:
         progress.end()
     if result.dropped_prompt:

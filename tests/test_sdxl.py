@@ -488,3 +488,25 @@ def test_diffuse_runs_sdxl_and_base_plus_refiner_through_the_daemon(folders, tmp
     finally:
         assert daemon.stop() == 0
         daemon.close()
+
+
+def test_diffusiond_generate_runs_base_plus_refiner_in_process(folders, models, pipelines, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "image.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "generate", PROMPT, "-m", str(folders["base"]), "--refiner",
+         str(folders["refiner"]), "--refiner-switch", "0.5", "--steps", "4", "--seed", "8", "--scheduler", "euler",
+         "--size", f"{WIDTH}x{HEIGHT}", "--device", "cpu", "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = pipelines["base"].generate(
+        Request(PROMPT, steps=4, seed=8, scheduler="euler", width=WIDTH, height=HEIGHT, refiner=str(folders["refiner"]),
+                refiner_switch=0.5),
+        refiner=pipelines["refiner"],
+    )
+    with Image.open(out) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), expected.images[0])
+        assert f"Refiner: {folders['refiner']}, Refiner switch at: 0.5" in image.text["parameters"]
