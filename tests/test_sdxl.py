@@ -510,3 +510,15 @@ def test_diffusiond_generate_runs_base_plus_refiner_in_process(folders, models, 
     with Image.open(out) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), expected.images[0])
         assert f"Refiner: {folders['refiner']}, Refiner switch at: 0.5" in image.text["parameters"]
+
+
+def test_in_half_precision_sdxls_vae_stays_float32_as_its_config_says(folders, tiny) -> None:
+    """diffusers' SDXL pipelines upcast the VAE when it is float16 and its config says force_upcast
+    (SDXL's VAE overflows in half precision); SD's pipelines never do."""
+    sdxl = TorchRuntime(folders["base"], "cpu", settings=TorchSettings(precision="fp16"))
+    assert AutoencoderKL.load_config(folders["base"] / "vae")["force_upcast"]
+    assert (sdxl.unet.dtype, sdxl.vae.dtype, sdxl.vae_dtype) == (torch.float16, torch.float32, torch.float32)
+    decoded = sdxl.decode(np.zeros((1, 4, 8, 8), np.float32))
+    assert decoded.shape == (1, 3, 16, 16) and np.isfinite(decoded).all()
+    sd = TorchRuntime(tiny.path, "cpu", settings=TorchSettings(precision="fp16"))
+    assert sd.vae.dtype == torch.float16
