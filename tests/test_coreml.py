@@ -656,3 +656,48 @@ def test_palettizing_sdxl_makes_both_text_encoders_lookup_tables(tmp_path) -> No
     out = convert(str(source), tmp_path / "out", size=XL_SIZE, palettize=True, progress=lambda _: None,
                   parts=("TextEncoder2",))
     assert mil_ops(next(out.glob("*_text_encoder_2.mlpackage"))).count("constexpr_lut_to_dense") > 0
+
+
+def test_a_refiner_converts_beside_its_base_as_apples_base_with_refiner(converted_xl, tmp_path) -> None:
+    """torch2coreml.py --refiner-version: the refiner's Unet beside the base's as
+    Stable_Diffusion_version_<base>_refiner.mlpackage (UnetRefiner.mlmodelc in Resources/), time_ids
+    (2, 5), run with the base's TextEncoder2 and VAE (StableDiffusionXL+Resources.swift)."""
+    from diffusiond.daemon.coreml.converter import convert
+    from diffusiond.daemon.errors import ConversionFailed
+
+    out, source, _ = converted_xl
+    folder = tmp_path / "with-refiner"
+    shutil.copytree(out, folder)
+    refiner = tiny_sdxl(tmp_path / "tiny-refiner", refiner=True)
+    convert(str(source), folder, size=XL_SIZE, parts=("UnetRefiner",), refiner=str(refiner), progress=lambda _: None)
+    package = folder / f"Stable_Diffusion_version_{source.name}_refiner.mlpackage"
+    assert [(p.name, p.shape, p.dtype) for p in spec_ports(package).inputs][2:] == [
+        ("encoder_hidden_states", (2, 32, 1, 77), "float16"), ("time_ids", (2, 5), "float16"), ("text_embeds", (2, 32), "float16")]
+    model = ModelFolder.open(str(folder))
+    assert (model.family, model.has_refiner, "UnetRefiner" in model.parts) == ("sdxl", True, False)
+    beside = model.refiner_model
+    assert (beside.family, beside.parts["Unet"], beside.parts["TextEncoder2"]) == (
+        "sdxl_refiner", package, model.parts["TextEncoder2"])
+    assert beside.requires_aesthetics_score and not beside.force_zeros_for_empty_prompt and model.force_zeros_for_empty_prompt
+    assert beside.scheduler_config == json.loads((refiner / "scheduler" / "scheduler_config.json").read_text())
+    with pytest.raises(ConversionFailed, match="is not an SDXL refiner"):
+        convert(str(source), tmp_path / "x", size=XL_SIZE, parts=("UnetRefiner",), refiner=str(source), progress=lambda _: None)
+
+
+def test_sdxl_resources_have_apples_names_for_the_swift_pipeline(converted_xl, tmp_path, monkeypatch) -> None:
+    """bundle_resources_for_swift_cli's names (text_encoder_2 → TextEncoder2.mlmodelc, …), compiled by
+    tests/test_converter.py's stand-in xcrun (Xcode's compiler runs on macOS only); the second tokenizer
+    goes along for diffusiond (Swift ignores it)."""
+    from diffusiond.daemon.coreml.converter import swift_resources
+
+    from .test_converter import STAND_IN_XCRUN, put_xcrun_on_path
+
+    put_xcrun_on_path(STAND_IN_XCRUN.format(python=sys.executable, log=str(tmp_path / "xcrun.log")), tmp_path / "bin",
+                      monkeypatch)
+    out, source, _ = converted_xl
+    folder = shutil.copytree(out, tmp_path / "tiny-sdxl")
+    resources = swift_resources(folder, source.name, lambda _: None)
+    assert sorted(p.name for p in resources.iterdir()) == [
+        "TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc",
+        "diffusiond.json", "merges.txt", "tokenizer_2", "vocab.json"]
+    assert (resources / "TextEncoder2.mlmodelc" / "source").read_text().endswith("_text_encoder_2.mlpackage")

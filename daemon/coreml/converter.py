@@ -34,7 +34,7 @@ from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, SECOND_TOKE
 ATTENTIONS = ("original", "split_einsum")
 # Apple's torch2coreml.py --quantize-nbits palettizes the text encoders and the Unets only, the
 # VAE and the safety checker stay float16; and it leaves the embedding table (a gather's) alone.
-PALETTIZED = ("TextEncoder", "TextEncoder2", "Unet")
+PALETTIZED = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner")
 TOKENS = 77
 UNET_BATCH = 2  # the unconditional and the conditional prompt in one call, as Apple's models take them
 
@@ -88,9 +88,11 @@ def convert(
     palettize: bool = False,
     progress: Progress = print,
     parts: tuple[str, ...] = PARTS,
+    refiner: str | None = None,
 ) -> Path:
     """Convert the networks the runtime runs (``parts``: some of them, as Apple's converter allows);
-    ``size`` is (width, height), default the model's own."""
+    ``size`` is (width, height), default the model's own; ``refiner``: an SDXL refiner whose Unet goes
+    beside an SDXL base's as UnetRefiner (torch2coreml.py --refiner-version)."""
     from . import split_einsum
 
     if attention not in ATTENTIONS:
@@ -110,9 +112,17 @@ def convert(
         split_einsum.apply(unet)
     latent = (unet.config.in_channels, height // factor, width // factor)
     name = _slug(source)
-    out.mkdir(parents=True, exist_ok=True)
 
     jobs = _xl_jobs(loaded, latent, (width, height)) if xl else _sd_jobs(loaded, latent, (width, height))
+    refined = None
+    if refiner is not None:
+        if not xl or loaded["text_encoder"] is None:
+            raise ConversionFailed(f"a refiner goes beside an SDXL base, and {source} is not one")
+        refined = _load_refiner(refiner, loaded, progress)
+        if attention == "split_einsum":
+            split_einsum.apply(refined["unet"])
+        jobs += [job._replace(part="UnetRefiner") for job in _xl_jobs(refined, latent, (width, height)) if job.part == "Unet"]
+    out.mkdir(parents=True, exist_ok=True)
     checker = loaded["safety_checker"]
     if checker is not None:
         pixels = checker.config.vision_config.image_size
@@ -168,6 +178,9 @@ def convert(
     }
     if xl:  # what the pipeline's config says of SDXL's conditioning (model_index.json)
         facts["force_zeros_for_empty_prompt"] = bool(loaded["index"].get("force_zeros_for_empty_prompt", True))
+    if refined is not None:  # the refiner's own, for the refiner beside the base (CoreMLFolder.refiner_model)
+        facts["refiner"] = {"source": refiner, "scheduler_config": refined["scheduler_config"],
+                            "force_zeros_for_empty_prompt": bool(refined["index"].get("force_zeros_for_empty_prompt", False))}
     (out / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     if shutil.which("xcrun"):
         swift_resources(out, name, progress)
@@ -298,12 +311,9 @@ def _palettize(ct: Any, model: Any) -> Any:
     return ct.optimize.coreml.palettize_weights(model, config)
 
 
-def _load(source: str, progress: Progress) -> dict[str, Any]:
-    """The networks and configs of a diffusers-format folder or Hub repo (pulled into the HF cache
-    as the torch runtime pulls it: float32 weights, configs, tokenizer)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
+def _folder(source: str, progress: Progress) -> tuple[Path, dict[str, Any]]:
+    """A diffusers-format folder or Hub repo (pulled into the HF cache as the torch runtime pulls it:
+    float32 weights, configs, tokenizer) and its model_index.json."""
     from ..models import store
     from ..models.ref import parse
 
@@ -319,8 +329,21 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
                                    "check the network, or give a local folder") from exc
     if not (folder / "model_index.json").is_file():
         raise ConversionFailed(f"{folder} is not a diffusers-format model (no model_index.json)")
-    index = json.loads((folder / "model_index.json").read_text())
-    present = {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
+    return folder, json.loads((folder / "model_index.json").read_text())
+
+
+def _present(index: dict[str, Any]) -> set[str]:
+    """The components a model_index.json names (a refiner's text_encoder is [null, null])."""
+    return {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
+
+
+def _load(source: str, progress: Progress) -> dict[str, Any]:
+    """The networks and configs of a diffusers-format model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder, index = _folder(source, progress)
+    present = _present(index)
     feature_extractor = folder / "feature_extractor" / "preprocessor_config.json"
     with_checker = (index.get("safety_checker") or [None])[0] is not None and feature_extractor.is_file()
     try:
@@ -342,6 +365,26 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
         }
     except (OSError, ValueError) as exc:
         raise ConversionFailed(f"cannot load {source}: {exc}") from exc
+
+
+def _load_refiner(refiner: str, base: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """An SDXL refiner's UNet and configs, for its Unet beside a base's (torch2coreml.py --refiner-version):
+    it runs with the base's TextEncoder2 and VAE, so only its UNet is loaded."""
+    from diffusers import UNet2DConditionModel
+
+    folder, index = _folder(refiner, progress)
+    if _present(index) & {"text_encoder", "unet", "text_encoder_2"} != {"unet", "text_encoder_2"}:
+        raise ConversionFailed(f"{refiner} is not an SDXL refiner: its model_index.json should name a unet and "
+                               "text_encoder_2 and no text_encoder")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    except (OSError, ValueError) as exc:
+        raise ConversionFailed(f"cannot load {refiner}: {exc}") from exc
+    if unet.config.cross_attention_dim != base["text_encoder_2"].config.hidden_size:
+        raise ConversionFailed(f"{refiner}'s UNet attends to {unet.config.cross_attention_dim} channels, and the base's "
+                               f"TextEncoder2 gives {base['text_encoder_2'].config.hidden_size}: not this base's refiner")
+    return {**base, "unet": unet, "text_encoder": None, "index": index,
+            "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
 
 
 class _TextEncoder(torch.nn.Module):

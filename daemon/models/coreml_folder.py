@@ -29,7 +29,8 @@ from ..errors import ModelInvalid
 
 FACTS_FILE = "diffusiond.json"
 SECOND_TOKENIZER = "tokenizer_2"  # `diffusiond convert` copies SDXL's (it pads with "!") beside the models
-PARTS = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")  # what `diffusiond convert` makes
+# What `diffusiond convert` makes (UnetRefiner: with --refiner, beside an SDXL base).
+PARTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker")
 # Compiled models are named TextEncoder.mlmodelc …; packages Stable_Diffusion_version_<name>_text_encoder.mlpackage
 # (torch2coreml.py's bundle_resources_for_swift_cli pairs them).
 PART_SUFFIXES = {
