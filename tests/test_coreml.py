@@ -701,3 +701,65 @@ def test_sdxl_resources_have_apples_names_for_the_swift_pipeline(converted_xl, t
         "TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc",
         "diffusiond.json", "merges.txt", "tokenizer_2", "vocab.json"]
     assert (resources / "TextEncoder2.mlmodelc" / "source").read_text().endswith("_text_encoder_2.mlpackage")
+
+
+@needs_a_mac
+@pytest.mark.parametrize("units", ["cpuOnly", "cpuAndGPU"])
+def test_the_converted_sdxl_computes_what_diffusers_does(converted_xl, units) -> None:
+    """On a Mac (macos.yml): Core ML running the converted tiny SDXL against diffusers' own modules —
+    the text encoding (StableDiffusionXLPipeline.encode_prompt: both penultimate hidden states, the
+    pooled projection), one guided Unet call with text_embeds and time_ids, and the float32 VAE decoder.
+    Core ML computes the text encoders and the Unet in float16: the tolerances are a first setting, for
+    the macOS job to confirm (not run where this was written)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
+
+    out, source, _ = converted_xl
+    model = ModelFolder.open(str(out))
+    runtime = cr.CoreMLRuntime(model, units)
+    prompt = "a lighthouse at dusk, oil painting"
+    encoding = runtime.encode_text([Tokenizer(folder).encode(prompt).ids[None] for folder in model.tokenizer_dirs])
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(source))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    assert encoding.pooled is not None
+    assert np.abs(encoding.hidden - embeds.numpy()).max() <= 2e-2 and np.abs(encoding.pooled - pooled.numpy()).max() <= 2e-2
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    hidden, text = np.concatenate([encoding.hidden] * 2), np.concatenate([encoding.pooled] * 2)
+    time_ids = np.tile(np.array([32, 32, 0, 0, 32, 32], np.float32), (2, 1))
+    noise = runtime.predict_noise(sample, np.float32(500), Conditioning(hidden, text, time_ids))
+    with torch.no_grad():
+        expected = pipe.unet(torch.from_numpy(sample), torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.from_numpy(hidden),
+                             added_cond_kwargs={"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time_ids)}).sample
+        image = pipe.vae.decode(torch.from_numpy(sample[:1])).sample
+    assert np.abs(noise - expected.numpy()).max() <= 5e-2
+    assert np.abs(runtime.decode(sample[:1]) - image.numpy()).max() <= 1e-3
+
+
+def test_the_sdxl_networks_converted_compute_what_diffusers_pipeline_does(tmp_path) -> None:
+    """In torch, before coremltools: the converter's wrappers, fed as the runtime feeds them, give
+    StableDiffusionXLPipeline.encode_prompt's prompt embeddings (both hidden_embeds side by side) and
+    pooled embeddings (TextEncoder2's pooled_outputs), and its UNet's output for added_cond_kwargs."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusiond.daemon.coreml.converter import _TextEncoderXL, _UnetXL
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
+
+    source = tiny_sdxl(tmp_path / "tiny-sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(source))
+    prompt = "a lighthouse at dusk, oil painting"
+    ids = [torch.from_numpy(Tokenizer(source / folder).encode(prompt).ids[None]).float() for folder in ("tokenizer", "tokenizer_2")]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        (hidden_1, _), (hidden_2, ours_pooled) = _TextEncoderXL(pipe.text_encoder)(ids[0]), _TextEncoderXL(pipe.text_encoder_2)(ids[1])
+        hidden = torch.cat([hidden_1, hidden_2], dim=2)
+        assert torch.allclose(hidden, embeds, atol=1e-6) and torch.allclose(ours_pooled, pooled, atol=1e-6)
+        sample, time_ids = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([[32.0, 32, 0, 0, 32, 32]])
+        expected = pipe.unet(sample, torch.tensor([500.0]), encoder_hidden_states=hidden,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = _UnetXL(pipe.unet)(sample, torch.tensor([500.0]), hidden.transpose(1, 2)[:, :, None, :], time_ids, pooled)
+    assert torch.allclose(got, expected, atol=1e-6)
