@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="the one image size the models take, e.g. 512x768, or 512 for square (default: the model's own)")
     convert.add_argument("--palettize", action="store_true", help="6-bit palettized weights (smaller, as Apple's -6bit)")
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
+    convert.add_argument("--refiner", type=model_name, metavar="SOURCE",
+                         help="an SDXL refiner whose Unet goes beside the SDXL base's (UnetRefiner, as Apple's base-with-refiner)")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
     bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
     bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS, default=list(COMPUTE_UNITS))
@@ -322,7 +324,7 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     started = time.monotonic()
     out = convert(args.source, args.out, args.attention, args.resolution, args.palettize,
-                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts))
+                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts), args.refiner)
     print(out)
     print(f"converted in {time.monotonic() - started:.0f}s; on a Mac: diffusiond generate -m {out} \"…\"",
           file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from diffusiond.daemon.coreml import compute_units
 from diffusiond.daemon.coreml.hardware import parse_sysctl
 from diffusiond.daemon.engine.pipeline import Request, resolve
+from diffusiond.daemon.engine.runtimes import Conditioning
 from diffusiond.daemon.engine.runtimes import coreml_runtime as cr
 from diffusiond.daemon.errors import InvalidParameter, ModelInvalid
 from diffusiond.daemon.models.catalog import TINY
@@ -115,7 +117,7 @@ def test_a_portrait_conversion_takes_and_asks_for_its_own_size(converted, tmp_pa
     with pytest.raises(InvalidParameter, match="converted for 192x256"):
         resolve(Request("a wide one", width=256, height=192), model)
     sample = np.zeros((2, 4, 32, 24), np.float32)
-    (feed, real), = cr.unet_inputs(model.descriptions["Unet"], sample, np.float32(1), np.zeros((2, 77, 32), np.float32))
+    (feed, real), = cr.unet_inputs(model.descriptions["Unet"], sample, np.float32(1), Conditioning(np.zeros((2, 77, 32), np.float32)))
     assert real == 2 and {k: v.shape for k, v in feed.items()} == {p.name: p.shape for p in unet.inputs}
 
 
@@ -130,7 +132,7 @@ def test_the_runtime_feeds_are_exactly_what_the_specs_declare(converted) -> None
     hidden = rng.standard_normal((2 * count, 77, 32), dtype=np.float32)
     feeds = {
         "TextEncoder": list(cr.text_encoder_inputs(model.descriptions["TextEncoder"], ids)),
-        "Unet": list(cr.unet_inputs(model.descriptions["Unet"], sample, np.float32(981), hidden)),
+        "Unet": list(cr.unet_inputs(model.descriptions["Unet"], sample, np.float32(981), Conditioning(hidden))),
         "VAEDecoder": list(cr.batches(model.descriptions["VAEDecoder"], {"z": sample[:count]})),
         "VAEEncoder": list(cr.batches(model.descriptions["VAEEncoder"], {"x": rng.standard_normal((1, 3, 256, 256))})),
     }
@@ -149,7 +151,7 @@ def test_a_short_batch_is_padded_and_the_padding_dropped(converted) -> None:
     out, _ = converted
     unet = ModelFolder.open(str(out)).descriptions["Unet"]
     sample = np.ones((1, 4, 32, 32), np.float32)  # guidance ≤ 1: one row for a UNet that takes two
-    [(feed, real)] = cr.unet_inputs(unet, sample, np.float32(1), np.zeros((1, 77, 32), np.float32))
+    [(feed, real)] = cr.unet_inputs(unet, sample, np.float32(1), Conditioning(np.zeros((1, 77, 32), np.float32)))
     assert real == 1 and feed["sample"].shape == (2, 4, 32, 32)
     prediction = {"noise_pred": np.stack([np.full((4, 32, 32), 7.0), np.full((4, 32, 32), -1.0)])}
     assert np.array_equal(cr.joined([(prediction, real)], "noise_pred"), np.full((1, 4, 32, 32), 7.0, np.float32))
@@ -424,3 +426,340 @@ def test_a_converted_safety_checker_blacks_out_a_flagged_image(tiny_with_safety_
     model = ModelFolder.open(str(convert(str(tiny_with_safety_checker), tmp_path, "original", progress=lambda _: None)))
     result = Pipeline(model, CoreMLRuntime(model, "cpuOnly", with_safety_checker=True)).generate(Request("x", steps=2, seed=1))
     assert result.flagged == [True] and not result.images[0].any()  # the fixture's checker flags every image
+
+
+# SDXL: a tiny random base and refiner in diffusers' format, converted once each.
+
+def tiny_sdxl(folder: Path, refiner: bool = False) -> Path:
+    """A tiny random SDXL base (or refiner) saved as a diffusers folder. Sizes are diffusers' own SDXL
+    test config (tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py and
+    test_stable_diffusion_xl_img2img.py, get_dummy_components: UNet (32, 64), text_time with 8-wide time
+    embeddings, transformer layers (1, 2), CLIP encoders of hidden 32 and projection 32; the refiner
+    skips the first encoder, takes 5 time ids with the aesthetic score, cross-attention 32); the vocabulary
+    is our tiny tokenizer's, the second tokenizer pads with "!" as SDXL's tokenizer_2 does."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TINY / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(TINY / "tokenizer"), pad_token="!")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=72 if refiner else 80,  # 5 or 6 time ids × 8 + the pooled 32
+        cross_attention_dim=32 if refiner else 64,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, sample_size=128)
+    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                            pad_token_id=1, vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(config)
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    if refiner:
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            add_watermarker=False)
+    else:
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipeline.save_pretrained(str(folder))
+    for tokenizer_dir in folder.glob("tokenizer*"):  # transformers 5 saves tokenizer.json only; the Hub's have both
+        for file in ("vocab.json", "merges.txt"):
+            shutil.copyfile(TINY / "tokenizer" / file, tokenizer_dir / file)
+    return folder
+
+
+XL_SIZE = (32, 32)  # 32 px images: 16×16 latents with the tiny VAE's factor of 2
+
+
+@pytest.fixture(scope="module")
+def converted_xl(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """The tiny SDXL base converted once (the default split_einsum attention) at 32 px, its diffusers
+    source, and the progress lines."""
+    from diffusiond.daemon.coreml.converter import convert
+
+    source = tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    lines: list[str] = []
+    out = convert(str(source), tmp_path_factory.mktemp("coreml") / "tiny-sdxl", size=XL_SIZE, progress=lines.append)
+    return out, source, lines
+
+
+def test_the_converted_sdxl_matches_apples_contract_port_by_port(converted_xl) -> None:
+    """Apple's contract, from apple/ml-stable-diffusion torch2coreml.py at e12202c (--xl-version):
+    convert_text_encoder (float32 input_ids (1, 77); outputs hidden_embeds = hidden_states[-2] and
+    pooled_outputs), convert_unet (inputs sample, timestep, encoder_hidden_states (B, C, 1, 77), time_ids
+    (B, 6), text_embeds (B, pooled) in that order, cast to float16; output noise_pred), convert_vae_decoder
+    and convert_vae_encoder (float32 z and x for SDXL's VAE); every output float32 (_convert_to_coreml).
+    Package names from _get_out_path: Stable_Diffusion_version_<model>_<text_encoder_2 …>.mlpackage."""
+    out, source, lines = converted_xl
+    name = source.name
+    packages = sorted(p.name for p in out.glob("*.mlpackage"))
+    assert packages == sorted(f"Stable_Diffusion_version_{name}_{suffix}.mlpackage"
+                              for suffix in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"))
+    assert [line.split(":")[0] for line in lines if " in " in line] == [
+        f"[{i}/5] {part}" for i, part in enumerate(("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder"), 1)]
+    f16, f32 = "float16", "float32"
+    expected = {
+        "text_encoder": ([("input_ids", (1, 77), f32)],
+                         [("hidden_embeds", (1, 77, 32), f32), ("pooled_outputs", (1, 32), f32)]),
+        "text_encoder_2": ([("input_ids", (1, 77), f32)],
+                           [("hidden_embeds", (1, 77, 32), f32), ("pooled_outputs", (1, 32), f32)]),
+        "unet": ([("sample", (2, 4, 16, 16), f16), ("timestep", (2,), f16), ("encoder_hidden_states", (2, 64, 1, 77), f16),
+                  ("time_ids", (2, 6), f16), ("text_embeds", (2, 32), f16)],
+                 [("noise_pred", (2, 4, 16, 16), f32)]),
+        "vae_decoder": ([("z", (1, 4, 16, 16), f32)], [("image", (1, 3, 32, 32), f32)]),
+        "vae_encoder": ([("x", (1, 3, 32, 32), f32)], [("latent", (1, 8, 16, 16), f32)]),
+    }
+    for suffix, (inputs, outputs) in expected.items():
+        ports = spec_ports(out / f"Stable_Diffusion_version_{name}_{suffix}.mlpackage")
+        assert [(p.name, p.shape, p.dtype) for p in ports.inputs] == inputs, suffix
+        assert [(p.name, p.shape, p.dtype) for p in ports.outputs] == outputs, suffix
+
+
+def test_the_sdxl_vae_computes_in_float32_and_the_rest_in_float16(converted_xl) -> None:
+    """torch2coreml.py converts SDXL's VAE with ct.precision.FLOAT32 (its float16 overflows), the rest
+    in float16: no float16 tensor anywhere in the VAE programs, float16 throughout the Unet's."""
+    out, _, _ = converted_xl
+
+    def program(suffix: str) -> str:
+        return str(ct.utils.load_spec(str(next(out.glob(f"*_{suffix}.mlpackage")))).mlProgram)
+
+    assert "FLOAT16" not in program("vae_decoder") and "FLOAT16" not in program("vae_encoder")
+    assert "FLOAT16" in program("unet") and "FLOAT16" in program("text_encoder_2")
+
+
+def test_a_converted_sdxl_opens_with_its_family_and_facts(converted_xl) -> None:
+    out, source, _ = converted_xl
+    model = ModelFolder.open(str(out))
+    assert isinstance(model, CoreMLFolder)
+    assert (model.family, model.text_encoders) == ("sdxl", ("TextEncoder", "TextEncoder2"))
+    assert model.force_zeros_for_empty_prompt and not model.requires_aesthetics_score
+    assert model.default_shape == XL_SIZE and model.latent_channels == 4
+    vae = json.loads((source / "vae" / "config.json").read_text())
+    scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    assert model.scaling_factor == vae["scaling_factor"] and model.scheduler_config == scheduler
+    assert len(model.tokenizer_dirs) == 2 and (model.tokenizer_dirs[0] / "vocab.json").read_bytes() == (
+        source / "tokenizer" / "vocab.json").read_bytes()
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
+
+    # SDXL's second tokenizer pads with "!" (as Swift's TextEncoder2: padToken "!"), the first with its end token
+    first, second = (Tokenizer(folder).encode("a lighthouse").ids for folder in model.tokenizer_dirs)
+    bang = json.loads((source / "tokenizer" / "vocab.json").read_text())["!"]
+    assert second[-1] == bang and first[-1] != bang and (first[:4] == second[:4]).all()
+
+
+class SpecStandIn:
+    """NOT Core ML: a stand-in for one loaded package at the macOS boundary (`coreml_runtime._load`), as
+    tests/fixtures/coreml_stand_in is for compiled models. It checks each feed against the package's
+    declared inputs (names, shapes, dtypes, read by coremltools) and answers each declared output
+    filled with `value`, so a test can tell whose output went where."""
+
+    def __init__(self, path: Path, value: float) -> None:
+        self.ports, self.value, self.feeds = spec_ports(path), value, []
+
+    def predict(self, feed: dict) -> dict:
+        assert {k: (v.shape, v.dtype.name) for k, v in feed.items()} == {p.name: (p.shape, p.dtype) for p in self.ports.inputs}
+        self.feeds.append(feed)
+        return {p.name: np.full(p.shape, self.value, np.float32) for p in self.ports.outputs}
+
+
+def test_the_sdxl_runtime_feeds_each_part_what_its_spec_declares(converted_xl, monkeypatch) -> None:
+    """encode_text: both encoders' hidden_embeds side by side (TextEncoder's first), pooled_outputs of
+    the second (StableDiffusionXLPipeline.swift encodePrompt); predict_noise: text_embeds and time_ids
+    cut into the Unet's batch of two, in its float16."""
+    out, _, _ = converted_xl
+    model = ModelFolder.open(str(out))
+    values = {"TextEncoder": 1.0, "TextEncoder2": 2.0, "Unet": 3.0, "VAEDecoder": 4.0, "VAEEncoder": 5.0}
+    loaded: dict[str, SpecStandIn] = {}
+
+    def load(path: Path, units: str, name: str) -> SpecStandIn:
+        part = next(p for p, where in model.parts.items() if where == path)
+        loaded[part] = SpecStandIn(path, values[part])
+        return loaded[part]
+
+    monkeypatch.setattr(cr, "_load", load)
+    runtime = cr.CoreMLRuntime(model, "cpuAndGPU")
+    ids = np.arange(3 * 77, dtype=np.int64).reshape(3, 77) % 2000
+    encoding = runtime.encode_text([ids, ids + 1])
+    assert encoding.hidden.shape == (3, 77, 64) and encoding.pooled.shape == (3, 32)
+    assert (encoding.hidden[..., :32] == 1).all() and (encoding.hidden[..., 32:] == 2).all() and (encoding.pooled == 2).all()
+    assert [f["input_ids"][0, 0] for f in loaded["TextEncoder2"].feeds] == [1, 78, 155]
+    rows = 3  # a short last Unet batch: padded, the padding dropped
+    conditioning = Conditioning(encoding.hidden, encoding.pooled,
+                                np.tile(np.array([32, 32, 0, 0, 32, 32], np.float32), (rows, 1)))
+    noise = runtime.predict_noise(np.zeros((rows, 4, 16, 16), np.float32), np.float32(999), conditioning)
+    assert noise.shape == (rows, 4, 16, 16) and (noise == 3).all()
+    first = loaded["Unet"].feeds[0]
+    assert first["time_ids"].dtype == np.float16 and first["time_ids"][1].tolist() == [32, 32, 0, 0, 32, 32]
+    assert np.array_equal(first["encoder_hidden_states"][0, :, 0, :], encoding.hidden[0].T.astype(np.float16))
+    with pytest.raises(InvalidParameter, match="text_embeds"):
+        runtime.predict_noise(np.zeros((2, 4, 16, 16), np.float32), np.float32(1), Conditioning(encoding.hidden[:2]))
+    with pytest.raises(ModelInvalid, match="2 text encoders"):
+        runtime.encode_text([ids])
+
+
+def test_apples_flat_time_ids_take_two_rows_of_six() -> None:
+    """Apple's first SDXL Unets declare time_ids (12,), the later ones (2, 6): StableDiffusionXLPipeline.swift
+    (baseGeometry) builds either from the Unet's declared shape. Written by hand after that."""
+    unet = Description(
+        (Port("sample", (2, 4, 128, 128), "float16"), Port("timestep", (2,), "float16"),
+         Port("encoder_hidden_states", (2, 2048, 1, 77), "float16"), Port("time_ids", (12,), "float16"),
+         Port("text_embeds", (2, 1280), "float16")),
+        (Port("noise_pred", (), "float32"),),
+    )
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [1024, 1024, 0, 0, 1024, 1024]], np.float32)
+    conditioning = Conditioning(np.zeros((2, 77, 2048), np.float32), np.zeros((2, 1280), np.float32), time_ids)
+    [(feed, real)] = cr.unet_inputs(unet, np.zeros((2, 4, 128, 128), np.float32), np.float32(1), conditioning)
+    assert real == 2 and feed["time_ids"].shape == (12,) and feed["time_ids"].tolist() == time_ids.ravel().tolist()
+    from diffusiond.daemon.models.coreml_folder import time_ids_width
+
+    assert time_ids_width(unet) == 6
+
+
+def test_a_converted_sdxl_refiner_has_one_text_encoder_and_five_time_ids(tmp_path) -> None:
+    """A refiner alone converts as torch2coreml.py --model-version <refiner> --xl-version does: no
+    TextEncoder (the pipeline has none), TextEncoder2, a Unet whose time_ids are (2, 5) (original size,
+    crop, aesthetic score: requires_aesthetics_score) and whose hidden states are the second encoder's."""
+    from diffusiond.daemon.coreml.converter import convert
+
+    source = tiny_sdxl(tmp_path / "tiny-refiner", refiner=True)
+    out = convert(str(source), tmp_path / "out", "original", XL_SIZE, progress=lambda _: None,
+                  parts=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"))
+    assert not list(out.glob("*_text_encoder.mlpackage"))
+    unet = spec_ports(next(out.glob("*_unet.mlpackage")))
+    assert [(p.name, p.shape) for p in unet.inputs][2:] == [
+        ("encoder_hidden_states", (2, 32, 1, 77)), ("time_ids", (2, 5)), ("text_embeds", (2, 32))]
+    model = ModelFolder.open(str(out))
+    assert (model.family, model.text_encoders) == ("sdxl_refiner", ("TextEncoder2",))
+    assert model.tokenizer_dirs == (out / "tokenizer_2",)
+    assert model.requires_aesthetics_score and not model.force_zeros_for_empty_prompt
+
+
+def test_palettizing_sdxl_makes_both_text_encoders_lookup_tables(tmp_path) -> None:
+    """torch2coreml.py quantize_weights palettizes text_encoder, text_encoder_2, unet and refiner."""
+    from diffusiond.daemon.coreml.converter import convert
+
+    source = tiny_sdxl(tmp_path / "tiny-sdxl")
+    out = convert(str(source), tmp_path / "out", size=XL_SIZE, palettize=True, progress=lambda _: None,
+                  parts=("TextEncoder2",))
+    assert mil_ops(next(out.glob("*_text_encoder_2.mlpackage"))).count("constexpr_lut_to_dense") > 0
+
+
+def test_a_refiner_converts_beside_its_base_as_apples_base_with_refiner(converted_xl, tmp_path) -> None:
+    """torch2coreml.py --refiner-version: the refiner's Unet beside the base's as
+    Stable_Diffusion_version_<base>_refiner.mlpackage (UnetRefiner.mlmodelc in Resources/), time_ids
+    (2, 5), run with the base's TextEncoder2 and VAE (StableDiffusionXL+Resources.swift)."""
+    from diffusiond.daemon.coreml.converter import convert
+    from diffusiond.daemon.errors import ConversionFailed
+
+    out, source, _ = converted_xl
+    folder = tmp_path / "with-refiner"
+    shutil.copytree(out, folder)
+    refiner = tiny_sdxl(tmp_path / "tiny-refiner", refiner=True)
+    convert(str(source), folder, size=XL_SIZE, parts=("UnetRefiner",), refiner=str(refiner), progress=lambda _: None)
+    package = folder / f"Stable_Diffusion_version_{source.name}_refiner.mlpackage"
+    assert [(p.name, p.shape, p.dtype) for p in spec_ports(package).inputs][2:] == [
+        ("encoder_hidden_states", (2, 32, 1, 77), "float16"), ("time_ids", (2, 5), "float16"), ("text_embeds", (2, 32), "float16")]
+    model = ModelFolder.open(str(folder))
+    assert (model.family, model.has_refiner, "UnetRefiner" in model.parts) == ("sdxl", True, False)
+    beside = model.refiner_model
+    assert (beside.family, beside.parts["Unet"], beside.parts["TextEncoder2"]) == (
+        "sdxl_refiner", package, model.parts["TextEncoder2"])
+    assert beside.requires_aesthetics_score and not beside.force_zeros_for_empty_prompt and model.force_zeros_for_empty_prompt
+    assert beside.scheduler_config == json.loads((refiner / "scheduler" / "scheduler_config.json").read_text())
+    with pytest.raises(ConversionFailed, match="is not an SDXL refiner"):
+        convert(str(source), tmp_path / "x", size=XL_SIZE, parts=("UnetRefiner",), refiner=str(source), progress=lambda _: None)
+
+
+def test_sdxl_resources_have_apples_names_for_the_swift_pipeline(converted_xl, tmp_path, monkeypatch) -> None:
+    """bundle_resources_for_swift_cli's names (text_encoder_2 → TextEncoder2.mlmodelc, …), compiled by
+    tests/test_converter.py's stand-in xcrun (Xcode's compiler runs on macOS only); the second tokenizer
+    goes along for diffusiond (Swift ignores it)."""
+    from diffusiond.daemon.coreml.converter import swift_resources
+
+    from .test_converter import STAND_IN_XCRUN, put_xcrun_on_path
+
+    put_xcrun_on_path(STAND_IN_XCRUN.format(python=sys.executable, log=str(tmp_path / "xcrun.log")), tmp_path / "bin",
+                      monkeypatch)
+    out, source, _ = converted_xl
+    folder = shutil.copytree(out, tmp_path / "tiny-sdxl")
+    resources = swift_resources(folder, source.name, lambda _: None)
+    assert sorted(p.name for p in resources.iterdir()) == [
+        "TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc",
+        "diffusiond.json", "merges.txt", "tokenizer_2", "vocab.json"]
+    assert (resources / "TextEncoder2.mlmodelc" / "source").read_text().endswith("_text_encoder_2.mlpackage")
+
+
+@needs_a_mac
+@pytest.mark.parametrize("units", ["cpuOnly", "cpuAndGPU"])
+def test_the_converted_sdxl_computes_what_diffusers_does(converted_xl, units) -> None:
+    """On a Mac (macos.yml): Core ML running the converted tiny SDXL against diffusers' own modules —
+    the text encoding (StableDiffusionXLPipeline.encode_prompt: both penultimate hidden states, the
+    pooled projection), one guided Unet call with text_embeds and time_ids, and the float32 VAE decoder.
+    Core ML computes the text encoders and the Unet in float16: the tolerances are a first setting, for
+    the macOS job to confirm (not run where this was written)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
+
+    out, source, _ = converted_xl
+    model = ModelFolder.open(str(out))
+    runtime = cr.CoreMLRuntime(model, units)
+    prompt = "a lighthouse at dusk, oil painting"
+    encoding = runtime.encode_text([Tokenizer(folder).encode(prompt).ids[None] for folder in model.tokenizer_dirs])
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(source))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    assert encoding.pooled is not None
+    assert np.abs(encoding.hidden - embeds.numpy()).max() <= 2e-2 and np.abs(encoding.pooled - pooled.numpy()).max() <= 2e-2
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    hidden, text = np.concatenate([encoding.hidden] * 2), np.concatenate([encoding.pooled] * 2)
+    time_ids = np.tile(np.array([32, 32, 0, 0, 32, 32], np.float32), (2, 1))
+    noise = runtime.predict_noise(sample, np.float32(500), Conditioning(hidden, text, time_ids))
+    with torch.no_grad():
+        expected = pipe.unet(torch.from_numpy(sample), torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.from_numpy(hidden),
+                             added_cond_kwargs={"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time_ids)}).sample
+        image = pipe.vae.decode(torch.from_numpy(sample[:1])).sample
+    assert np.abs(noise - expected.numpy()).max() <= 5e-2
+    assert np.abs(runtime.decode(sample[:1]) - image.numpy()).max() <= 1e-3
+
+
+def test_the_sdxl_networks_converted_compute_what_diffusers_pipeline_does(tmp_path) -> None:
+    """In torch, before coremltools: the converter's wrappers, fed as the runtime feeds them, give
+    StableDiffusionXLPipeline.encode_prompt's prompt embeddings (both hidden_embeds side by side) and
+    pooled embeddings (TextEncoder2's pooled_outputs), and its UNet's output for added_cond_kwargs."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusiond.daemon.coreml.converter import _TextEncoderXL, _UnetXL
+    from diffusiond.daemon.engine.tokenizer import Tokenizer
+
+    source = tiny_sdxl(tmp_path / "tiny-sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(source))
+    prompt = "a lighthouse at dusk, oil painting"
+    ids = [torch.from_numpy(Tokenizer(source / folder).encode(prompt).ids[None]).float() for folder in ("tokenizer", "tokenizer_2")]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        (hidden_1, _), (hidden_2, ours_pooled) = _TextEncoderXL(pipe.text_encoder)(ids[0]), _TextEncoderXL(pipe.text_encoder_2)(ids[1])
+        hidden = torch.cat([hidden_1, hidden_2], dim=2)
+        assert torch.allclose(hidden, embeds, atol=1e-6) and torch.allclose(ours_pooled, pooled, atol=1e-6)
+        sample, time_ids = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([[32.0, 32, 0, 0, 32, 32]])
+        expected = pipe.unet(sample, torch.tensor([500.0]), encoder_hidden_states=hidden,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = _UnetXL(pipe.unet)(sample, torch.tensor([500.0]), hidden.transpose(1, 2)[:, :, None, :], time_ids, pooled)
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -95,13 +95,15 @@ def test_a_folder_with_a_unet_and_its_chunks_loads_only_the_chunks(tmp_path, mon
 
 
 @pytest.mark.parametrize(("network", "inputs", "named"), [
-    ("TextEncoder2", None, "Stable Diffusion XL (TextEncoder2)"),
     ("MultiModalDiffusionTransformer", None, "Stable Diffusion 3"),
     ("ControlledUnet", None, "ControlNet (ControlledUnet)"),
-    (None, ["time_ids", "text_embeds"], "takes time_ids, text_embeds beyond"),
+    (None, ["additional_residual_0"], "takes additional_residual_0 beyond"),
+    ("TextEncoder2", None, "TextEncoder2 (SDXL's) but its Unet takes no time_ids or text_embeds"),
+    (None, ["time_ids", "text_embeds"], "has a Stable Diffusion XL Unet but no TextEncoder2"),
 ])
-def test_sdxl_sd3_and_controlnet_folders_are_refused_at_open_naming_why(network, inputs, named, tmp_path) -> None:
-    """Apple's SD 1.5 folder with what each family adds (torch2coreml.py's names): refused at open."""
+def test_sd3_controlnet_and_mixed_folders_are_refused_at_open_naming_why(network, inputs, named, tmp_path) -> None:
+    """Apple's SD 1.5 folder with what another family adds (torch2coreml.py's names), or with half of
+    SDXL's parts (the second text encoder, or the Unet's added conditioning alone): refused at open."""
     repo = published_coreml_repo("apple/coreml-stable-diffusion-v1-5-palettized", tmp_path / "repo")
     folder = repo / "original" / "compiled"
     if network:
@@ -113,7 +115,51 @@ def test_sdxl_sd3_and_controlnet_folders_are_refused_at_open_naming_why(network,
         (folder / "Unet.mlmodelc" / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(ModelInvalid, match=re.escape(named)) as refused:
         CoreMLFolder.open(folder, "family")
-    assert refused.value.code == "model_invalid" and "torch runtime" in str(refused.value)
+    assert refused.value.code == "model_invalid"
+
+
+XL = {"apple/coreml-stable-diffusion-xl-base": "sdxl-coreml",
+      "apple/coreml-stable-diffusion-mixed-bit-palettization": "sdxl-coreml-4.5bit",
+      "apple/coreml-stable-diffusion-xl-base-with-refiner": "sdxl-with-refiner-coreml"}
+
+
+@pytest.mark.parametrize("repo_id", XL)
+def test_apples_sdxl_repos_open_as_sdxl_and_the_runtime_feeds_them(repo_id, tmp_path, monkeypatch) -> None:
+    """Each published SDXL tree (archive NAME_original_compiled.zip → NAME_original_compiled/compiled/)
+    opens as SDXL with SDXL base 1.0's facts; the runtime's text encoding and Unet feeds pass the
+    stand-in's check against the declared inputs (time_ids flat (12,) or (2, 6), float16). Core ML's
+    load is the stand-in here (the boundary this machine lacks); everything before it is ours."""
+    monkeypatch.syspath_prepend(str(FIXTURES / "coreml_stand_in"))
+    import coreml_stand_in
+
+    from diffusiond.daemon.engine.runtimes import coreml_runtime
+
+    name = repo_id.split("/")[1]
+    folder = unpacked(repo_id, f"{name}_original_compiled.zip", tmp_path)
+    assert folder.name == "compiled"
+    model = CoreMLFolder.open(folder, XL[repo_id])
+    assert (model.family, model.default_shape, model.scaling_factor) == ("sdxl", (1024, 1024), 0.13025)
+    assert model.scheduler_config["_class_name"] == "EulerDiscreteScheduler" and model.force_zeros_for_empty_prompt
+    assert model.palettized == (XL[repo_id] == "sdxl-coreml-4.5bit")
+    assert model.has_refiner == (XL[repo_id] == "sdxl-with-refiner-coreml")
+    monkeypatch.setattr(coreml_runtime, "_load", coreml_stand_in.load)
+    models = [model, model.refiner_model] if model.has_refiner else [model]
+    for each in models:
+        runtime = coreml_runtime.CoreMLRuntime(each, "cpuAndGPU")
+        assert "UnetRefiner" not in runtime.models
+        ids = [np.zeros((2, 77), np.int64)] * len(each.text_encoders)
+        encoding = runtime.encode_text(ids)
+        width = 5 if each.requires_aesthetics_score else 6
+        assert encoding.hidden.shape == (2, 77, each.descriptions["Unet"].input("encoder_hidden_states").shape[1])
+        assert encoding.pooled is not None and encoding.pooled.shape == (2, 1280)
+        conditioning = Conditioning(encoding.hidden, encoding.pooled, np.zeros((2, width), np.float32))
+        latents = np.zeros((2, 4, 128, 128), np.float32)
+        assert runtime.predict_noise(latents, np.float32(999), conditioning).shape == latents.shape
+    if model.has_refiner:
+        refiner = model.refiner_model
+        assert (refiner.family, refiner.text_encoders) == ("sdxl_refiner", ("TextEncoder2",))
+        assert refiner.requires_aesthetics_score and not refiner.force_zeros_for_empty_prompt
+        assert refiner.parts["Unet"].name == "UnetRefiner.mlmodelc" and "TextEncoder" not in refiner.parts
 
 
 def test_palettized_models_are_refused_below_macos_14_naming_the_float16_variant(tmp_path) -> None:
@@ -175,11 +221,14 @@ def test_a_pull_needs_room_for_the_archive_and_its_copy_and_then_drops_the_archi
 
 @pytest.mark.skipif(ON_A_MAC and not REAL, reason="on a Mac the rehearsal runs against the real Hub: set DIFFUSIOND_REAL_COREML")
 @pytest.mark.parametrize("entry", CORE_ML, ids=[entry.alias for entry in CORE_ML])
-def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(entry, tmp_path, monkeypatch) -> None:
+def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(entry, tmp_path, monkeypatch, request) -> None:
     """The real daemon, with torch and diffusers unimportable (tests/fixtures/no_torch first on its
     path): it starts with the model as its default, so being ready means pulled and loaded; then a job."""
     if REAL and entry.alias != REAL:
         pytest.skip(f"macos.yml pulls {REAL} only")
+    if entry.repo in XL:  # strict: once the engine's SDXL conditioning is merged this passes, and the mark goes
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the pipeline on main gives the Unet no text_embeds "
+                                                                  "and time_ids; branch sdxl-engine does"))
     paths = [str(FIXTURES / "no_torch")] + ([] if REAL else [str(FIXTURES / "coreml_stand_in")])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
     if not REAL:  # macos.yml: the workflow's HF_HOME, kept between runs and shared with the next test
@@ -200,7 +249,7 @@ def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(ent
         assert [Path(p).suffix for p in done["outputs"]] == [".png"]
         from PIL import Image
 
-        assert Image.open(done["outputs"][0]).size == (512, 512)
+        assert Image.open(done["outputs"][0]).size == ((1024, 1024) if entry.repo in XL else (512, 512))
         # `diffuse models pull` goes through the downloader thread: torch-free too (cached by now)
         assert pull_events(daemon, entry.alias, UNITS[entry.alias])[-1]["type"] == Event.MODEL_DOWNLOADED
     finally:

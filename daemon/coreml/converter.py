@@ -2,7 +2,10 @@
 
 The output loads like Apple's published models: `Stable_Diffusion_version_<name>_<part>.mlpackage`
 for TextEncoder, Unet, VAEDecoder, VAEEncoder (and SafetyChecker when the source has one) with the
-I/O contract of Apple's models (see docs/coreml.md), vocab.json and merges.txt beside them, and
+I/O contract of Apple's models (see docs/coreml.md); an SDXL source (base or refiner) converts as
+Apple's `torch2coreml.py --xl-version` does: TextEncoder and TextEncoder2 with `hidden_embeds` and
+`pooled_outputs`, a Unet that also takes `time_ids` and `text_embeds`, float16 Unet inputs and a
+float32 VAE where SDXL's VAE needs it. vocab.json and merges.txt go beside them, and
 `diffusiond.json` with the facts the pipeline reads that no network's shape tells (the VAE's
 scaling factor, the scheduler config). On macOS, `Resources/` holds the same models compiled for
 Apple's Swift pipeline and Diffusers for Mac, as Apple's converter lays it out.
@@ -19,19 +22,19 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConversionFailed, EngineError
-from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, describe
+from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, SECOND_TOKENIZER, describe
 
 ATTENTIONS = ("original", "split_einsum")
 # Apple's torch2coreml.py --quantize-nbits palettizes the text encoders and the Unets only, the
 # VAE and the safety checker stay float16; and it leaves the embedding table (a gather's) alone.
-PALETTIZED = ("TextEncoder", "Unet")
+PALETTIZED = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner")
 TOKENS = 77
 UNET_BATCH = 2  # the unconditional and the conditional prompt in one call, as Apple's models take them
 
@@ -85,9 +88,11 @@ def convert(
     palettize: bool = False,
     progress: Progress = print,
     parts: tuple[str, ...] = PARTS,
+    refiner: str | None = None,
 ) -> Path:
     """Convert the networks the runtime runs (``parts``: some of them, as Apple's converter allows);
-    ``size`` is (width, height), default the model's own."""
+    ``size`` is (width, height), default the model's own; ``refiner``: an SDXL refiner whose Unet goes
+    beside an SDXL base's as UnetRefiner (torch2coreml.py --refiner-version)."""
     from . import split_einsum
 
     if attention not in ATTENTIONS:
@@ -97,6 +102,7 @@ def convert(
         raise ConversionFailed(f"unknown parts {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     ct = _coremltools()
     loaded = _load(source, progress)
+    xl = loaded["text_encoder_2"] is not None
     unet, vae = loaded["unet"], loaded["vae"]
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     width, height = size or (unet.config.sample_size * factor,) * 2
@@ -105,41 +111,42 @@ def convert(
     if attention == "split_einsum":
         split_einsum.apply(unet)
     latent = (unet.config.in_channels, height // factor, width // factor)
-    hidden = loaded["text_encoder"].config.hidden_size
     name = _slug(source)
-    out.mkdir(parents=True, exist_ok=True)
 
-    jobs: list[tuple[str, torch.nn.Module, dict[str, tuple[int, ...]], list[str]]] = [
-        ("TextEncoder", _TextEncoder(loaded["text_encoder"]), {"input_ids": (1, TOKENS)}, ["last_hidden_state"]),
-        ("Unet", _Unet(unet),
-         {"sample": (UNET_BATCH, *latent), "timestep": (UNET_BATCH,), "encoder_hidden_states": (UNET_BATCH, hidden, 1, TOKENS)},
-         ["noise_pred"]),
-        ("VAEDecoder", _Decoder(vae), {"z": (1, *latent)}, ["image"]),
-        ("VAEEncoder", _Encoder(vae), {"x": (1, 3, height, width)}, ["latent"]),
-    ]
+    jobs = _xl_jobs(loaded, latent, (width, height)) if xl else _sd_jobs(loaded, latent, (width, height))
+    refined = None
+    if refiner is not None:
+        if not xl or loaded["text_encoder"] is None:
+            raise ConversionFailed(f"a refiner goes beside an SDXL base, and {source} is not one")
+        refined = _load_refiner(refiner, loaded, progress)
+        if attention == "split_einsum":
+            split_einsum.apply(refined["unet"])
+        jobs += [job._replace(part="UnetRefiner") for job in _xl_jobs(refined, latent, (width, height)) if job.part == "Unet"]
+    out.mkdir(parents=True, exist_ok=True)
     checker = loaded["safety_checker"]
     if checker is not None:
         pixels = checker.config.vision_config.image_size
-        jobs.append(("SafetyChecker", _SafetyChecker(checker),
-                     {"clip_input": (1, 3, pixels, pixels), "images": (1, height, width, 3), "adjustment": (1,)},
-                     ["filtered_images", "has_nsfw_concepts"]))
+        jobs.append(_Job("SafetyChecker", _SafetyChecker(checker),
+                         _float32({"clip_input": (1, 3, pixels, pixels), "images": (1, height, width, 3), "adjustment": (1,)}),
+                         ["filtered_images", "has_nsfw_concepts"]))
     elif "SafetyChecker" in parts:
         progress(f"{source} has no safety checker: none converted")
-    jobs = [job for job in jobs if job[0] in parts]
-    for number, (part, module, inputs, outputs) in enumerate(jobs, 1):
+    jobs = [job for job in jobs if job.part in parts]
+    for number, (part, module, inputs, outputs, float32) in enumerate(jobs, 1):
         started = time.monotonic()
         progress(f"[{number}/{len(jobs)}] {part}: tracing and converting …")
-        examples = tuple(torch.zeros(shape) if key != "timestep" else torch.full(shape, 999.0) for key, shape in inputs.items())
+        examples = tuple(torch.zeros(shape) if key != "timestep" else torch.full(shape, 999.0)
+                         for key, (shape, _dtype) in inputs.items())
         try:
             with torch.no_grad():
                 traced = torch.jit.trace(module.eval(), examples, strict=False, check_trace=False)
             model = ct.convert(
                 traced,
-                inputs=[ct.TensorType(key, shape=shape, dtype=np.float32) for key, shape in inputs.items()],
+                inputs=[ct.TensorType(key, shape=shape, dtype=dtype) for key, (shape, dtype) in inputs.items()],
                 outputs=[ct.TensorType(key, dtype=np.float32) for key in outputs],
                 convert_to="mlprogram",
                 minimum_deployment_target=ct.target.macOS13,
-                compute_precision=ct.precision.FLOAT16,
+                compute_precision=ct.precision.FLOAT32 if float32 else ct.precision.FLOAT16,
             )
             if palettize and part in PALETTIZED:
                 progress(f"[{number}/{len(jobs)}] {part}: palettizing to 6 bits …")
@@ -160,6 +167,8 @@ def convert(
 
     for file in ("vocab.json", "merges.txt"):
         shutil.copyfile(loaded["tokenizer_dir"] / file, out / file)
+    if xl:  # SDXL's second tokenizer pads with "!": its own folder, which Swift ignores and diffusiond reads
+        shutil.copytree(loaded["folder"] / SECOND_TOKENIZER, out / SECOND_TOKENIZER, dirs_exist_ok=True)
     if checker is not None:  # the safety checker's CLIP preprocessing (its size may not be 224)
         shutil.copyfile(loaded["feature_extractor"], out / "preprocessor_config.json")
     facts = {
@@ -167,6 +176,11 @@ def convert(
         "scaling_factor": float(vae.config.get("scaling_factor", 0.18215)),
         "scheduler_config": loaded["scheduler_config"],
     }
+    if xl:  # what the pipeline's config says of SDXL's conditioning (model_index.json)
+        facts["force_zeros_for_empty_prompt"] = bool(loaded["index"].get("force_zeros_for_empty_prompt", True))
+    if refined is not None:  # the refiner's own, for the refiner beside the base (CoreMLFolder.refiner_model)
+        facts["refiner"] = {"source": refiner, "scheduler_config": refined["scheduler_config"],
+                            "force_zeros_for_empty_prompt": bool(refined["index"].get("force_zeros_for_empty_prompt", False))}
     (out / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     if shutil.which("xcrun"):
         swift_resources(out, name, progress)
@@ -174,6 +188,62 @@ def convert(
         progress(f"{RESOURCES}/ for Apple's Swift CLI and Diffusers for Mac: skipped, compiling to .mlmodelc needs "
                  "xcrun coremlcompiler (macOS with Xcode's command-line tools); diffusiond loads the packages as they are")
     return out
+
+
+class _Job(NamedTuple):
+    """One network to convert: its inputs by name (shape, dtype), its outputs, whether it computes in float32."""
+
+    part: str
+    module: torch.nn.Module
+    inputs: dict[str, tuple[tuple[int, ...], type]]
+    outputs: list[str]
+    float32: bool = False
+
+
+def _float32(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], type]]:
+    return {key: (shape, np.float32) for key, shape in shapes.items()}
+
+
+def _sd_jobs(loaded: dict[str, Any], latent: tuple[int, int, int], size: tuple[int, int]) -> list[_Job]:
+    """Stable Diffusion 1.x/2.x: every input float32, the compute float16."""
+    width, height = size
+    hidden = loaded["text_encoder"].config.hidden_size
+    return [
+        _Job("TextEncoder", _TextEncoder(loaded["text_encoder"]), _float32({"input_ids": (1, TOKENS)}), ["last_hidden_state"]),
+        _Job("Unet", _Unet(loaded["unet"]), _float32({
+            "sample": (UNET_BATCH, *latent), "timestep": (UNET_BATCH,),
+            "encoder_hidden_states": (UNET_BATCH, hidden, 1, TOKENS)}), ["noise_pred"]),
+        _Job("VAEDecoder", _Decoder(loaded["vae"]), _float32({"z": (1, *latent)}), ["image"]),
+        _Job("VAEEncoder", _Encoder(loaded["vae"]), _float32({"x": (1, 3, height, width)}), ["latent"]),
+    ]
+
+
+def _xl_jobs(loaded: dict[str, Any], latent: tuple[int, int, int], size: tuple[int, int]) -> list[_Job]:
+    """SDXL, base or refiner, as torch2coreml.py --xl-version converts it: the text encoders' penultimate
+    hidden states and pooled outputs; the Unet's inputs in float16 with time_ids (2, 6), the refiner's
+    (2, 5), and text_embeds (2, the pooled projection's width); the VAE encoder in float32 (SDXL's VAE
+    overflows float16), the decoder too unless the VAE's config says it need not be upcast (an fp16-fix
+    VAE, whose decoder Apple converts as SD's, float16: --custom-vae-version)."""
+    width, height = size
+    unet, vae, second = loaded["unet"], loaded["vae"], loaded["text_encoder_2"]
+    pooled = second.config.projection_dim
+    time_ids = (unet.config.projection_class_embeddings_input_dim - pooled) // unet.config.addition_time_embed_dim
+    if unet.config.addition_embed_type != "text_time" or time_ids not in (5, 6):
+        raise ConversionFailed(f"the UNet's added conditioning ({unet.config.addition_embed_type}, {time_ids} time ids) "
+                               "is not SDXL's text_time with 6 time ids (base) or 5 (refiner)")
+    upcast = bool(vae.config.get("force_upcast", True))
+    float16 = np.float16
+    jobs = [_Job(part, _TextEncoderXL(loaded[key]), _float32({"input_ids": (1, TOKENS)}), ["hidden_embeds", "pooled_outputs"])
+            for part, key in (("TextEncoder", "text_encoder"), ("TextEncoder2", "text_encoder_2")) if loaded[key] is not None]
+    jobs += [
+        _Job("Unet", _UnetXL(unet), {
+            "sample": ((UNET_BATCH, *latent), float16), "timestep": ((UNET_BATCH,), float16),
+            "encoder_hidden_states": ((UNET_BATCH, unet.config.cross_attention_dim, 1, TOKENS), float16),
+            "time_ids": ((UNET_BATCH, time_ids), float16), "text_embeds": ((UNET_BATCH, pooled), float16)}, ["noise_pred"]),
+        _Job("VAEDecoder", _Decoder(vae), {"z": ((1, *latent), np.float32 if upcast else float16)}, ["image"], upcast),
+        _Job("VAEEncoder", _Encoder(vae), _float32({"x": (1, 3, height, width)}), ["latent"], True),
+    ]
+    return jobs
 
 
 def swift_resources(out: Path, name: str, progress: Progress) -> Path:
@@ -204,6 +274,8 @@ def swift_resources(out: Path, name: str, progress: Progress) -> Path:
     for file in RESOURCE_FILES:
         if (out / file).is_file():
             shutil.copyfile(out / file, resources / file)
+    if (out / SECOND_TOKENIZER).is_dir():
+        shutil.copytree(out / SECOND_TOKENIZER, resources / SECOND_TOKENIZER, dirs_exist_ok=True)
     return resources
 
 
@@ -239,12 +311,9 @@ def _palettize(ct: Any, model: Any) -> Any:
     return ct.optimize.coreml.palettize_weights(model, config)
 
 
-def _load(source: str, progress: Progress) -> dict[str, Any]:
-    """The networks and configs of a diffusers-format folder or Hub repo (pulled into the HF cache
-    as the torch runtime pulls it: float32 weights, configs, tokenizer)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
+def _folder(source: str, progress: Progress) -> tuple[Path, dict[str, Any]]:
+    """A diffusers-format folder or Hub repo (pulled into the HF cache as the torch runtime pulls it:
+    float32 weights, configs, tokenizer) and its model_index.json."""
     from ..models import store
     from ..models.ref import parse
 
@@ -260,7 +329,21 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
                                    "check the network, or give a local folder") from exc
     if not (folder / "model_index.json").is_file():
         raise ConversionFailed(f"{folder} is not a diffusers-format model (no model_index.json)")
-    index = json.loads((folder / "model_index.json").read_text())
+    return folder, json.loads((folder / "model_index.json").read_text())
+
+
+def _present(index: dict[str, Any]) -> set[str]:
+    """The components a model_index.json names (a refiner's text_encoder is [null, null])."""
+    return {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
+
+
+def _load(source: str, progress: Progress) -> dict[str, Any]:
+    """The networks and configs of a diffusers-format model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder, index = _folder(source, progress)
+    present = _present(index)
     feature_extractor = folder / "feature_extractor" / "preprocessor_config.json"
     with_checker = (index.get("safety_checker") or [None])[0] is not None and feature_extractor.is_file()
     try:
@@ -269,16 +352,39 @@ def _load(source: str, progress: Progress) -> dict[str, Any]:
             from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
             checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker").eval()
+        second = "text_encoder_2" in present  # SDXL; its refiner has only this one
         return {
-            "safety_checker": checker, "feature_extractor": feature_extractor,
-            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+            "folder": folder, "index": index, "safety_checker": checker, "feature_extractor": feature_extractor,
+            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder").eval() if "text_encoder" in present else None,
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval() if second else None,
             "unet": UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
             "vae": AutoencoderKL.from_pretrained(folder / "vae").eval(),
-            "tokenizer_dir": folder / "tokenizer",
+            # Apple's layout has one vocab.json and merges.txt: SDXL's two tokenizers share CLIP's BPE
+            "tokenizer_dir": folder / ("tokenizer" if "tokenizer" in present else "tokenizer_2"),
             "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
         }
     except (OSError, ValueError) as exc:
         raise ConversionFailed(f"cannot load {source}: {exc}") from exc
+
+
+def _load_refiner(refiner: str, base: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """An SDXL refiner's UNet and configs, for its Unet beside a base's (torch2coreml.py --refiner-version):
+    it runs with the base's TextEncoder2 and VAE, so only its UNet is loaded."""
+    from diffusers import UNet2DConditionModel
+
+    folder, index = _folder(refiner, progress)
+    if _present(index) & {"text_encoder", "unet", "text_encoder_2"} != {"unet", "text_encoder_2"}:
+        raise ConversionFailed(f"{refiner} is not an SDXL refiner: its model_index.json should name a unet and "
+                               "text_encoder_2 and no text_encoder")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    except (OSError, ValueError) as exc:
+        raise ConversionFailed(f"cannot load {refiner}: {exc}") from exc
+    if unet.config.cross_attention_dim != base["text_encoder_2"].config.hidden_size:
+        raise ConversionFailed(f"{refiner}'s UNet attends to {unet.config.cross_attention_dim} channels, and the base's "
+                               f"TextEncoder2 gives {base['text_encoder_2'].config.hidden_size}: not this base's refiner")
+    return {**base, "unet": unet, "text_encoder": None, "index": index,
+            "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
 
 
 class _TextEncoder(torch.nn.Module):
@@ -292,6 +398,21 @@ class _TextEncoder(torch.nn.Module):
         return self.text_encoder(input_ids.long(), return_dict=False)[0]
 
 
+class _TextEncoderXL(torch.nn.Module):
+    """Apple's SDXL text encoders: float32 token ids (1, 77) → hidden_embeds, the penultimate layer's
+    hidden states (1, 77, C), and pooled_outputs: the projection of CLIPTextModelWithProjection
+    (TextEncoder2: SDXL's text_embeds), CLIPTextModel's pooler output otherwise."""
+
+    def __init__(self, text_encoder: Any) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: Any) -> tuple[Any, Any]:
+        output = self.text_encoder(input_ids.long(), output_hidden_states=True)
+        pooled = output.text_embeds if "text_embeds" in output else output.pooler_output
+        return output.hidden_states[-2], pooled
+
+
 class _Unet(torch.nn.Module):
     """Apple's Unet: encoder_hidden_states in (B, C, 1, 77), the layout the Neural Engine prefers."""
 
@@ -302,6 +423,19 @@ class _Unet(torch.nn.Module):
     def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
         hidden = encoder_hidden_states.squeeze(2).transpose(1, 2)
         return self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+
+
+class _UnetXL(torch.nn.Module):
+    """Apple's SDXL Unet: _Unet's inputs, then time_ids and text_embeds (diffusers' added_cond_kwargs)."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, time_ids: Any, text_embeds: Any) -> Any:
+        hidden = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        added = {"time_ids": time_ids, "text_embeds": text_embeds}
+        return self.unet(sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class _Decoder(torch.nn.Module):

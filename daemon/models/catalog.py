@@ -40,6 +40,16 @@ CATALOG: tuple[Entry, ...] = (
           "Stable Diffusion 2.1 base, Core ML"),
     Entry("sd21-base-coreml-6bit", "apple/coreml-stable-diffusion-2-1-base-palettized", "coreml", "6-bit palettized",
           "Stable Diffusion 2.1 base, Core ML"),
+    # SDXL: what Diffusers for Mac offers on a Mac (swift-coreml-diffusers ModelInfo.swift: xl, xlWithRefiner,
+    # xlmbp; its iOS-only xlmbpChunked is left out), and the diffusers-format originals.
+    Entry("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "torch", "float", "Stable Diffusion XL base 1.0 (1024)"),
+    Entry("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "torch", "float",
+          "Stable Diffusion XL refiner 1.0 (1024)"),
+    Entry("sdxl-coreml", "apple/coreml-stable-diffusion-xl-base", "coreml", "float16", "Stable Diffusion XL base, Core ML"),
+    Entry("sdxl-coreml-4.5bit", "apple/coreml-stable-diffusion-mixed-bit-palettization", "coreml",
+          "4.5-bit mixed-bit palettized", "Stable Diffusion XL base, Core ML"),
+    Entry("sdxl-with-refiner-coreml", "apple/coreml-stable-diffusion-xl-base-with-refiner", "coreml", "float16",
+          "Stable Diffusion XL base with its refiner, Core ML"),
 )
 
 

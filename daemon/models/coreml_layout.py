@@ -83,14 +83,17 @@ def unpack(archive: Path, destination: Path) -> Path:
 
 
 # Compiled models are named TextEncoder.mlmodelc …; packages Stable_Diffusion_version_…_text_encoder.mlpackage.
-_NAMING = (("TextEncoder.mlmodelc", ("Unet.mlmodelc", "UnetChunk1.mlmodelc")),
-           ("*text_encoder.mlpackage", ("*unet.mlpackage", "*unet_chunk1.mlpackage")))
+# An SDXL refiner alone has only the second text encoder (TextEncoder2, …_text_encoder_2).
+_NAMING = ((("TextEncoder.mlmodelc", "TextEncoder2.mlmodelc"), ("Unet.mlmodelc", "UnetChunk1.mlmodelc")),
+           (("*_text_encoder.mlpackage", "*_text_encoder_2.mlpackage"), ("*_unet.mlpackage", "*_unet_chunk1.mlpackage")))
 
 
 def model_dir(root: Path) -> Path:
-    """The folder under `root` holding the models in Apple's naming (compiled preferred)."""
-    for text_encoder, unets in _NAMING:
-        for found in sorted(root.rglob(text_encoder), key=lambda p: len(p.parts)):
-            if any(next(found.parent.glob(unet), None) for unet in unets):
-                return found.parent
+    """The folder under `root` holding the models in Apple's naming (compiled preferred), however deep
+    an archive nests it (Apple's SDXL archives: NAME_original_compiled/compiled/)."""
+    for text_encoders, unets in _NAMING:
+        found = sorted((p for pattern in text_encoders for p in root.rglob(pattern)), key=lambda p: len(p.parts))
+        for encoder in found:
+            if any(next(encoder.parent.glob(unet), None) for unet in unets):
+                return encoder.parent
     raise FileNotFoundError(f"no TextEncoder and Unet models in Apple's naming under {root}")

@@ -5,6 +5,11 @@ two latents, unconditional and conditional), declared in each one's description.
 built from those declarations — batches cut or padded to the declared batch, arrays cast to the
 declared dtype, the text hidden states moved to (B, C, 1, 77) — and everything up to
 `MLModel.predict` is plain NumPy, tested on any platform against converted models' specs.
+
+SDXL as Apple's StableDiffusionXLPipeline.swift runs it: TextEncoder and TextEncoder2 each give
+`hidden_embeds` (their penultimate hidden states) and `pooled_outputs`; the Unet takes both
+hidden_embeds side by side and the last encoder's pooled_outputs as `text_embeds`, with `time_ids`.
+The refiner has TextEncoder2 only.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def batches(description: Description, arrays: Feed) -> Iterator[tuple[Feed, int]
             piece = array[start:start + real]
             if real < size:
                 piece = np.concatenate([piece, np.repeat(piece[-1:], size - real, axis=0)])
+            if len(port.shape) == 1 and piece.ndim == 2 and piece.size == port.shape[0]:
+                piece = piece.reshape(port.shape)  # Apple's first SDXL Unets: time_ids (12,) for two rows of 6
             if piece.shape != port.shape:
                 raise InvalidParameter(name, f"the model takes {port.shape}, got {piece.shape} (per {size} rows)")
             feed[name] = np.ascontiguousarray(piece, dtype=port.dtype)
@@ -56,15 +63,25 @@ def text_encoder_inputs(description: Description, input_ids: np.ndarray) -> Iter
 
 
 def unet_inputs(
-    description: Description, sample: np.ndarray, timestep: np.ndarray, hidden_states: np.ndarray
+    description: Description, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning
 ) -> Iterator[tuple[Feed, int]]:
-    """Latents, a timestep (scalar or per row) and (B, 77, C) hidden states → Unet feeds with
-    `timestep` per row and `encoder_hidden_states` in (B, C, 1, 77)."""
+    """Latents, a timestep (scalar or per row) and the conditioning → Unet feeds with `timestep` per
+    row, `encoder_hidden_states` in (B, C, 1, 77), and SDXL's `text_embeds` and `time_ids` where the
+    Unet declares them."""
     timesteps = np.broadcast_to(np.asarray(timestep, dtype=np.float32), (len(sample),))
-    return batches(description, {
+    arrays = {
         "sample": sample, "timestep": timesteps,
-        "encoder_hidden_states": hidden_states.transpose(0, 2, 1)[:, :, None, :],
-    })
+        "encoder_hidden_states": conditioning.hidden.transpose(0, 2, 1)[:, :, None, :],
+    }
+    declared = {p.name for p in description.inputs}
+    for name, array in (("text_embeds", conditioning.text_embeds), ("time_ids", conditioning.time_ids)):
+        if name not in declared:
+            continue
+        if array is None:
+            raise InvalidParameter(name, "this Core ML model is SDXL: its Unet takes text_embeds and time_ids, "
+                                         "and the conditioning has none")
+        arrays[name] = array
+    return batches(description, arrays)
 
 
 def chunk_inputs(description: Description, feed: Feed, first_outputs: Feed) -> Feed:
@@ -114,23 +131,30 @@ class CoreMLRuntime:
             raise ModelInvalid(f"unknown compute units {compute_units!r}; choose one of {', '.join(COMPUTE_UNITS)}")
         wanted = [p for p in model.parts if p != "SafetyChecker" or with_safety_checker]
         self.described = model.descriptions
+        self.text_encoders = model.text_encoders
         self.models = {part: _load(model.parts[part], compute_units, model.name) for part in wanted}
 
     def _run(self, part: str, feeds: Iterator[tuple[Feed, int]]) -> list[tuple[Feed, int]]:
         return [(self.models[part].predict(feed), real) for feed, real in feeds]
 
     def encode_text(self, input_ids: Sequence[np.ndarray]) -> TextEncoding:
-        (ids,) = input_ids
-        outputs = self._run("TextEncoder", text_encoder_inputs(self.described["TextEncoder"], ids))
-        return TextEncoding(joined(outputs, "last_hidden_state"))
+        if len(input_ids) != len(self.text_encoders):
+            raise ModelInvalid(f"this Core ML model has {len(self.text_encoders)} text encoders "
+                               f"({', '.join(self.text_encoders)}); got token ids for {len(input_ids)}")
+        if self.text_encoders == ("TextEncoder",):  # Stable Diffusion 1.x/2.x
+            outputs = self._run("TextEncoder", text_encoder_inputs(self.described["TextEncoder"], input_ids[0]))
+            return TextEncoding(joined(outputs, "last_hidden_state"))
+        encoded = [self._run(part, text_encoder_inputs(self.described[part], ids))
+                   for part, ids in zip(self.text_encoders, input_ids)]
+        hidden = np.concatenate([joined(outputs, "hidden_embeds") for outputs in encoded], axis=2)
+        return TextEncoding(hidden, joined(encoded[-1], "pooled_outputs"))
 
     def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, conditioning: Conditioning) -> np.ndarray:
-        hidden_states = conditioning.hidden
         if "Unet" in self.models:
-            feeds = unet_inputs(self.described["Unet"], sample, timestep, hidden_states)
+            feeds = unet_inputs(self.described["Unet"], sample, timestep, conditioning)
             return joined(self._run("Unet", feeds), "noise_pred")
         outputs = []
-        for feed, real in unet_inputs(self.described["UnetChunk1"], sample, timestep, hidden_states):
+        for feed, real in unet_inputs(self.described["UnetChunk1"], sample, timestep, conditioning):
             first = self.models["UnetChunk1"].predict(feed)
             second = chunk_inputs(self.described["UnetChunk2"], feed, first)
             outputs.append((self.models["UnetChunk2"].predict(second), real))
