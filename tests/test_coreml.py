@@ -643,7 +643,7 @@ def test_a_converted_sdxl_refiner_has_one_text_encoder_and_five_time_ids(tmp_pat
     assert [(p.name, p.shape) for p in unet.inputs][2:] == [
         ("encoder_hidden_states", (2, 32, 1, 77)), ("time_ids", (2, 5)), ("text_embeds", (2, 32))]
     model = ModelFolder.open(str(out))
-    assert (model.family, model.text_encoders) == ("sdxl_refiner", ("TextEncoder2",))
+    assert (model.family, model.text_encoders) == ("sdxl-refiner", ("TextEncoder2",))
     assert model.tokenizer_dirs == (out / "tokenizer_2",)
     assert model.requires_aesthetics_score and not model.force_zeros_for_empty_prompt
 
@@ -677,7 +677,7 @@ def test_a_refiner_converts_beside_its_base_as_apples_base_with_refiner(converte
     assert (model.family, model.has_refiner, "UnetRefiner" in model.parts) == ("sdxl", True, False)
     beside = model.refiner_model
     assert (beside.family, beside.parts["Unet"], beside.parts["TextEncoder2"]) == (
-        "sdxl_refiner", package, model.parts["TextEncoder2"])
+        "sdxl-refiner", package, model.parts["TextEncoder2"])
     assert beside.requires_aesthetics_score and not beside.force_zeros_for_empty_prompt and model.force_zeros_for_empty_prompt
     assert beside.scheduler_config == json.loads((refiner / "scheduler" / "scheduler_config.json").read_text())
     with pytest.raises(ConversionFailed, match="is not an SDXL refiner"):

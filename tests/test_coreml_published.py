@@ -157,7 +157,7 @@ def test_apples_sdxl_repos_open_as_sdxl_and_the_runtime_feeds_them(repo_id, tmp_
         assert runtime.predict_noise(latents, np.float32(999), conditioning).shape == latents.shape
     if model.has_refiner:
         refiner = model.refiner_model
-        assert (refiner.family, refiner.text_encoders) == ("sdxl_refiner", ("TextEncoder2",))
+        assert (refiner.family, refiner.text_encoders) == ("sdxl-refiner", ("TextEncoder2",))
         assert refiner.requires_aesthetics_score and not refiner.force_zeros_for_empty_prompt
         assert refiner.parts["Unet"].name == "UnetRefiner.mlmodelc" and "TextEncoder" not in refiner.parts
 
@@ -226,9 +226,6 @@ def test_a_published_core_ml_model_pulls_loads_and_draws_a_png_without_torch(ent
     path): it starts with the model as its default, so being ready means pulled and loaded; then a job."""
     if REAL and entry.alias != REAL:
         pytest.skip(f"macos.yml pulls {REAL} only")
-    if entry.repo in XL:  # strict: once the engine's SDXL conditioning is merged this passes, and the mark goes
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the pipeline on main gives the Unet no text_embeds "
-                                                                  "and time_ids; branch sdxl-engine does"))
     paths = [str(FIXTURES / "no_torch")] + ([] if REAL else [str(FIXTURES / "coreml_stand_in")])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
     if not REAL:  # macos.yml: the workflow's HF_HOME, kept between runs and shared with the next test

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelInvalid
-from .family import SD
+from .family import SD, SDXL, SDXL_REFINER
 
 FACTS_FILE = "diffusiond.json"
 SECOND_TOKENIZER = "tokenizer_2"  # `diffusiond convert` copies SDXL's (it pads with "!") beside the models
@@ -206,7 +206,7 @@ def is_coreml_folder(folder: Path) -> bool:
     return bool({"TextEncoder", "TextEncoder2"} & parts.keys()) and ("Unet" in parts or "UnetChunk1" in parts)
 
 
-FAMILIES = ("sd", "sdxl", "sdxl_refiner")
+FAMILIES = (SD, SDXL, SDXL_REFINER)
 
 
 @dataclass(frozen=True)
@@ -221,9 +221,6 @@ class CoreMLFolder:
     refiner: bool = False
     runtime = "coreml"
     fixed_size = True  # Core ML models take the one size they were converted for
-    family = SD  # ModelFolder's model facts, with Stable Diffusion 1.x/2.x's values
-    force_zeros_for_empty_prompt = False
-    requires_aesthetics_score = False
 
     @classmethod
     def open(cls, path: Path, name: str) -> CoreMLFolder:
@@ -252,7 +249,7 @@ class CoreMLFolder:
     def _check_family(self) -> None:
         """The text encoders the Unet's family needs, as Apple's Swift pipeline loads them."""
         parts, family = self.parts, self.family
-        needs = {"sd": ("TextEncoder",), "sdxl": ("TextEncoder", "TextEncoder2"), "sdxl_refiner": ("TextEncoder2",)}[family]
+        needs = {SD: ("TextEncoder",), SDXL: ("TextEncoder", "TextEncoder2"), SDXL_REFINER: ("TextEncoder2",)}[family]
         lacking = [p for p in needs if p not in parts]
         if lacking:
             raise ModelInvalid(f"Core ML model {self.name} has a {_FAMILY_NAMES[family]} Unet but no "
@@ -295,28 +292,28 @@ class CoreMLFolder:
 
     @property
     def family(self) -> str:
-        """"sd" (1.x, 2.x), "sdxl" or "sdxl_refiner", from the Unet's ports as Apple's Swift pipeline tells:
+        """SD (1.x, 2.x), SDXL or SDXL_REFINER (models/family.py), from the Unet's ports as Apple's Swift pipeline tells:
         text_embeds and time_ids make it SDXL, time_ids of width 5 the refiner."""
         width = time_ids_width(self._unet)
         if width is None:
-            return "sd"
-        return "sdxl_refiner" if width == REFINER_TIME_IDS else "sdxl"
+            return SD
+        return SDXL_REFINER if width == REFINER_TIME_IDS else SDXL
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
         """The text encoders the pipeline runs, in order: SD's one, SDXL's two, the refiner's second."""
-        return {"sd": ("TextEncoder",), "sdxl": ("TextEncoder", "TextEncoder2"), "sdxl_refiner": ("TextEncoder2",)}[self.family]
+        return {SD: ("TextEncoder",), SDXL: ("TextEncoder", "TextEncoder2"), SDXL_REFINER: ("TextEncoder2",)}[self.family]
 
     @property
     def requires_aesthetics_score(self) -> bool:
         """The refiner's time_ids end with an aesthetic score instead of the target size."""
-        return self.family == "sdxl_refiner"
+        return self.family == SDXL_REFINER
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
         """SDXL base: an empty negative prompt is zeros, not its encoding (diffusers' rule; the source's
         model_index.json via diffusiond.json, else SDXL base 1.0's). Apple's Swift pipeline encodes it."""
-        return self.family != "sd" and bool(self.facts.get("force_zeros_for_empty_prompt", self.family == "sdxl"))
+        return self.family != SD and bool(self.facts.get("force_zeros_for_empty_prompt", self.family == SDXL))
 
     @cached_property
     def facts(self) -> dict[str, Any]:
@@ -387,4 +384,4 @@ class CoreMLFolder:
         return self.path if (self.path / "preprocessor_config.json").is_file() else None
 
 
-_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sdxl_refiner": "Stable Diffusion XL refiner"}
+_FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "Stable Diffusion XL", SDXL_REFINER: "Stable Diffusion XL refiner"}
