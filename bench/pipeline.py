@@ -1,10 +1,12 @@
 """Pipeline benchmarks, each against a baseline measured side by side in this run.
 
-1. Our pipeline vs diffusers' StableDiffusionPipeline on the shipped tiny model: same prompt,
-   size, steps and scheduler, both on the PyTorch CPU runtime. Target: ratio ≤ 1.0.
-2. The pipeline's own per-step overhead at 512×512 (latents 2×4×64×64 with guidance), with a
-   runtime whose model calls return at once, against the same loop (guidance, scale, scheduler
-   step) written with diffusers' torch schedulers. Target: ≤ 1 ms per step.
+1. Our pipeline vs diffusers' StableDiffusionPipeline on the shipped tiny model, and vs
+   StableDiffusionXLPipeline on a tiny random SDXL (tests/build_tiny_sdxl.py): same prompt, size,
+   steps and scheduler, both on the PyTorch CPU runtime. Target: ratio ≤ 1.0.
+2. The pipeline's own per-step overhead with a runtime whose model calls return at once, at SD's
+   512×512 (latents 2×4×64×64 with guidance) and SDXL's 1024×1024 (2×4×128×128, with the pooled
+   text and size ids), against the same loop (guidance, scale, scheduler step) written with
+   diffusers' torch schedulers. Target: ≤ 1 ms per step.
 
     python bench/pipeline.py [--repeats 5]
 """
@@ -13,17 +15,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import torch
 
 from diffusiond.daemon.engine import schedulers
-from diffusiond.daemon.engine.pipeline import Pipeline, Request
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.engine.runtimes import open_runtime
+from diffusiond.daemon.engine.pipeline import Pipeline, Request
+from diffusiond.daemon.engine.runtimes import TextEncoding, open_runtime
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
+from diffusiond.daemon.models.family import SD
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import build_tiny_sdxl  # noqa: E402  (the tests' tiny SDXL, built the same way here)
 
 PROMPT = "a lighthouse at dusk, oil painting"
 
@@ -52,7 +61,10 @@ def side_by_side(first, second, repeats: int) -> tuple[float, float]:
 
 def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> None:
     ours = Pipeline(model, open_runtime(model, Config(device="cpu"), False))
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(model.path, safety_checker=None)
+    if model.family == SD:
+        theirs = diffusers.StableDiffusionPipeline.from_pretrained(model.path, safety_checker=None)
+    else:
+        theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(model.path, add_watermarker=False)
     theirs.set_progress_bar_config(disable=True)
     cls = getattr(diffusers, schedulers.scheduler_class(scheduler).DIFFUSERS_CLASS)
     theirs.scheduler = cls.from_config(theirs.scheduler.config, **schedulers.overrides(scheduler))
@@ -64,17 +76,22 @@ def end_to_end(model: ModelFolder, repeats: int, steps: int, scheduler: str) -> 
                        generator=torch.Generator().manual_seed(1), output_type="np"),
         repeats,
     )
-    print(f"end to end, tiny model {size}x{size}, {steps} steps {scheduler}, CPU, torch threads {torch.get_num_threads()}")
-    print(f"  diffusers StableDiffusionPipeline  {t_theirs * 1000:8.1f} ms/image")
-    print(f"  diffusiond Pipeline                {t_ours * 1000:8.1f} ms/image")
-    print(f"  ratio ours/diffusers               {t_ours / t_theirs:8.3f}   (target ≤ 1.0)")
+    print(f"\nend to end, tiny {model.family} model {size}x{size}, {steps} steps {scheduler}, CPU, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"  diffusers {type(theirs).__name__:<26} {t_theirs * 1000:8.1f} ms/image")
+    print(f"  diffusiond Pipeline                  {t_ours * 1000:8.1f} ms/image")
+    print(f"  ratio ours/diffusers                 {t_ours / t_theirs:8.3f}   (target ≤ 1.0)")
 
 
 class InstantRuntime:
-    """Model calls that return preallocated zeros at once: what remains is the pipeline's own work."""
+    """Model calls that return preallocated zeros at once: what remains is the pipeline's own work.
+    SD 1.5's text width, or SDXL's (both encoders side by side) with its pooled projection."""
 
-    def __init__(self, hidden: int = 768) -> None:
-        self.hidden = hidden
+    device_loop = False
+
+    def __init__(self, sdxl: bool, factor: int) -> None:
+        self.hidden, self.pooled = (2048, 1280) if sdxl else (768, None)
+        self.factor = factor
         self._cache: dict[tuple, np.ndarray] = {}
 
     def _zeros(self, shape: tuple) -> np.ndarray:
@@ -83,14 +100,16 @@ class InstantRuntime:
         return self._cache[shape]
 
     def encode_text(self, input_ids):
-        return self._zeros((input_ids.shape[0], input_ids.shape[1], self.hidden))
+        rows, length = input_ids[0].shape
+        pooled = None if self.pooled is None else self._zeros((rows, self.pooled))
+        return TextEncoding(self._zeros((rows, length, self.hidden)), pooled)
 
-    def predict_noise(self, sample, timestep, hidden_states):
+    def predict_noise(self, sample, timestep, conditioning):
         return self._zeros(sample.shape)
 
     def decode(self, latents):
         b, _, h, w = latents.shape
-        return self._zeros((b, 3, h * 8, w * 8))
+        return self._zeros((b, 3, h * self.factor, w * self.factor))
 
 
 def diffusers_loop_ms(name: str, config: dict, steps: int, latents: torch.Tensor) -> float:
@@ -113,14 +132,18 @@ def diffusers_loop_ms(name: str, config: dict, steps: int, latents: torch.Tensor
     return median_seconds(run, 3) / len(scheduler.timesteps) * 1000
 
 
-def overhead(model: ModelFolder, steps: int) -> None:
-    pipeline = Pipeline(model, InstantRuntime())
-    latents = torch.randn(1, 4, 64, 64)
-    print(f"\nper-step overhead at 512x512 (latents 2x4x64x64 with guidance), {steps} steps, instant model calls")
+def overhead(model: ModelFolder, steps: int, latent: int) -> None:
+    """At `latent`² latents: the tiny models' VAEs scale less than real ones, so the pixel size is
+    chosen to give the real model's latents."""
+    factor = model.vae_scale_factor
+    pipeline = Pipeline(model, InstantRuntime(model.family != SD, factor))
+    latents = torch.randn(1, 4, latent, latent)
+    print(f"\nper-step overhead, {model.family} at {latent * 8}x{latent * 8} (latents 2x4x{latent}x{latent} with guidance), "
+          f"{steps} steps, instant model calls")
     print(f"  {'scheduler':<16} {'diffusiond':>10} {'diffusers':>10} {'ratio':>7}")
     for name in schedulers.NAMES:
         n = 8 if name == "lcm" else steps
-        request = Request(PROMPT, steps=n, width=512, height=512, seed=1, scheduler=name)
+        request = Request(PROMPT, steps=n, width=latent * factor, height=latent * factor, seed=1, scheduler=name)
         pipeline.generate(request)
         per_step = statistics.median(
             pipeline.generate(request).timings["denoise"] / n * 1000 for _ in range(3)
@@ -135,9 +158,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     args = parser.parse_args()
-    model = ModelFolder.open("tiny")
-    end_to_end(model, args.repeats, args.steps, args.scheduler)
-    overhead(model, 50)
+    sd = ModelFolder.open("tiny")
+    with tempfile.TemporaryDirectory() as folder:
+        opened = ModelFolder.open(str(build_tiny_sdxl.build(Path(folder) / "tiny-sdxl")))
+        assert isinstance(opened, ModelFolder)
+        sdxl: ModelFolder = opened
+        for model in (sd, sdxl):
+            end_to_end(model, args.repeats, args.steps, args.scheduler)
+        overhead(sd, 50, 64)
+        overhead(sdxl, 50, 128)
 
 
 if __name__ == "__main__":

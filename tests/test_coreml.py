@@ -24,6 +24,8 @@ from diffusiond.daemon.models.coreml_folder import CoreMLFolder, Description, Po
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
 
 import coremltools as ct  # noqa: E402  (the dev extra installs it)
+
+from . import build_tiny_sdxl
 ON_APPLE_SILICON = sys.platform == "darwin" and platform.machine() == "arm64"
 needs_a_mac = pytest.mark.skipif(not ON_APPLE_SILICON, reason="Core ML runs models on macOS on Apple silicon only")
 
@@ -430,58 +432,6 @@ def test_a_converted_safety_checker_blacks_out_a_flagged_image(tiny_with_safety_
 
 # SDXL: a tiny random base and refiner in diffusers' format, converted once each.
 
-def tiny_sdxl(folder: Path, refiner: bool = False) -> Path:
-    """A tiny random SDXL base (or refiner) saved as a diffusers folder. Sizes are diffusers' own SDXL
-    test config (tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py and
-    test_stable_diffusion_xl_img2img.py, get_dummy_components: UNet (32, 64), text_time with 8-wide time
-    embeddings, transformer layers (1, 2), CLIP encoders of hidden 32 and projection 32; the refiner
-    skips the first encoder, takes 5 time ids with the aesthetic score, cross-attention 32); the vocabulary
-    is our tiny tokenizer's, the second tokenizer pads with "!" as SDXL's tokenizer_2 does."""
-    import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(TINY / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(TINY / "tokenizer"), pad_token="!")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=72 if refiner else 80,  # 5 or 6 time ids × 8 + the pooled 32
-        cross_attention_dim=32 if refiner else 64,
-    )
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                       beta_schedule="scaled_linear", timestep_spacing="leading")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=128)
-    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
-                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-                            pad_token_id=1, vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(config)
-    torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(config)
-    if refiner:
-        pipeline = StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
-            add_watermarker=False)
-    else:
-        pipeline = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
-    pipeline.save_pretrained(str(folder))
-    for tokenizer_dir in folder.glob("tokenizer*"):  # transformers 5 saves tokenizer.json only; the Hub's have both
-        for file in ("vocab.json", "merges.txt"):
-            shutil.copyfile(TINY / "tokenizer" / file, tokenizer_dir / file)
-    return folder
-
-
 XL_SIZE = (32, 32)  # 32 px images: 16×16 latents with the tiny VAE's factor of 2
 
 
@@ -491,7 +441,7 @@ def converted_xl(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     source, and the progress lines."""
     from diffusiond.daemon.coreml.converter import convert
 
-    source = tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    source = build_tiny_sdxl.build(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
     lines: list[str] = []
     out = convert(str(source), tmp_path_factory.mktemp("coreml") / "tiny-sdxl", size=XL_SIZE, progress=lines.append)
     return out, source, lines
@@ -635,7 +585,7 @@ def test_a_converted_sdxl_refiner_has_one_text_encoder_and_five_time_ids(tmp_pat
     crop, aesthetic score: requires_aesthetics_score) and whose hidden states are the second encoder's."""
     from diffusiond.daemon.coreml.converter import convert
 
-    source = tiny_sdxl(tmp_path / "tiny-refiner", refiner=True)
+    source = build_tiny_sdxl.build(tmp_path / "tiny-refiner", refiner=True)
     out = convert(str(source), tmp_path / "out", "original", XL_SIZE, progress=lambda _: None,
                   parts=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"))
     assert not list(out.glob("*_text_encoder.mlpackage"))
@@ -652,7 +602,7 @@ def test_palettizing_sdxl_makes_both_text_encoders_lookup_tables(tmp_path) -> No
     """torch2coreml.py quantize_weights palettizes text_encoder, text_encoder_2, unet and refiner."""
     from diffusiond.daemon.coreml.converter import convert
 
-    source = tiny_sdxl(tmp_path / "tiny-sdxl")
+    source = build_tiny_sdxl.build(tmp_path / "tiny-sdxl")
     out = convert(str(source), tmp_path / "out", size=XL_SIZE, palettize=True, progress=lambda _: None,
                   parts=("TextEncoder2",))
     assert mil_ops(next(out.glob("*_text_encoder_2.mlpackage"))).count("constexpr_lut_to_dense") > 0
@@ -668,7 +618,7 @@ def test_a_refiner_converts_beside_its_base_as_apples_base_with_refiner(converte
     out, source, _ = converted_xl
     folder = tmp_path / "with-refiner"
     shutil.copytree(out, folder)
-    refiner = tiny_sdxl(tmp_path / "tiny-refiner", refiner=True)
+    refiner = build_tiny_sdxl.build(tmp_path / "tiny-refiner", refiner=True)
     convert(str(source), folder, size=XL_SIZE, parts=("UnetRefiner",), refiner=str(refiner), progress=lambda _: None)
     package = folder / f"Stable_Diffusion_version_{source.name}_refiner.mlpackage"
     assert [(p.name, p.shape, p.dtype) for p in spec_ports(package).inputs][2:] == [
@@ -749,7 +699,7 @@ def test_the_sdxl_networks_converted_compute_what_diffusers_pipeline_does(tmp_pa
     from diffusiond.daemon.coreml.converter import _TextEncoderXL, _UnetXL
     from diffusiond.daemon.engine.tokenizer import Tokenizer
 
-    source = tiny_sdxl(tmp_path / "tiny-sdxl")
+    source = build_tiny_sdxl.build(tmp_path / "tiny-sdxl")
     pipe = StableDiffusionXLPipeline.from_pretrained(str(source))
     prompt = "a lighthouse at dusk, oil painting"
     ids = [torch.from_numpy(Tokenizer(source / folder).encode(prompt).ids[None]).float() for folder in ("tokenizer", "tokenizer_2")]

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import CLIPTokenizer
 
 from diffusiond.clients.protocol import Event
 from diffusiond.daemon.coreml.hardware import parse_sysctl
-from diffusiond.daemon.engine.pipeline import Request, resolve
+from diffusiond.daemon.engine.pipeline import Pipeline, Request, resolve
 from diffusiond.daemon.engine.runtimes import Conditioning
 from diffusiond.daemon.errors import ModelInvalid
 from diffusiond.daemon.models import catalog, coreml_layout
@@ -155,6 +156,12 @@ def test_apples_sdxl_repos_open_as_sdxl_and_the_runtime_feeds_them(repo_id, tmp_
         conditioning = Conditioning(encoding.hidden, encoding.pooled, np.zeros((2, width), np.float32))
         latents = np.zeros((2, 4, 128, 128), np.float32)
         assert runtime.predict_noise(latents, np.float32(999), conditioning).shape == latents.shape
+        # One vocabulary in Apple's tree, yet SDXL's last encoder pads with "!" and its first with
+        # <|endoftext|>, as the diffusers original's tokenizer_2 and tokenizer do.
+        vocabulary = CLIPTokenizer.from_pretrained(each.tokenizer_dirs[0])
+        pads = [tokenizer.encode("a lighthouse").ids[-1] for tokenizer in Pipeline(each, runtime).tokenizers]
+        assert pads == [vocabulary.eos_token_id] * (len(pads) - 1) + [vocabulary.convert_tokens_to_ids("!")]
+        assert vocabulary.convert_tokens_to_ids("!") != vocabulary.eos_token_id
     if model.has_refiner:
         refiner = model.refiner_model
         assert (refiner.family, refiner.text_encoders) == ("sdxl-refiner", ("TextEncoder2",))

@@ -1,11 +1,7 @@
 """SDXL (base, refiner, base + refiner, Turbo) against diffusers' own SDXL pipelines.
 
-The tiny random-weight models are built here, in the shapes of diffusers' own SDXL tests
-(huggingface/diffusers tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py and
-test_stable_diffusion_xl_img2img.py, get_dummy_components: UNet block_out_channels (32, 64),
-addition_embed_type "text_time", addition_time_embed_dim 8, transformer_layers_per_block (1, 2),
-two CLIP text encoders of width 32 with projection_dim 32; the refiner without the first encoder,
-requires_aesthetics_score and 5 size ids), with the shipped tiny model's tokenizer.
+The tiny random-weight models come from tests/build_tiny_sdxl.py, in the shapes of diffusers' own
+SDXL tests; Turbo is the base with SDXL-Turbo's scheduler config.
 """
 
 from __future__ import annotations
@@ -17,16 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusiond.daemon.engine import schedulers
 from diffusiond.daemon.engine.pipeline import Pipeline, Request, resolve
@@ -39,68 +27,19 @@ from diffusiond.daemon.models.diffusers_folder import ModelFolder
 from diffusiond.daemon.models.family import SD, SDXL, SDXL_REFINER
 from diffusiond.clients.infotext import job_settings, parse_infotext
 
+from . import build_tiny_sdxl
+
 PROMPT = "a lighthouse at dusk, oil painting"
 NEGATIVE = "blurry"
 WIDTH, HEIGHT = 96, 64  # not square and not the default size: the size conditioning shows
-
-
-def _unet(cross_attention_dim: int, projection_input: int) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=projection_input, cross_attention_dim=cross_attention_dim,
-    )
-    # As the shipped tiny model (tests/build_tiny_model.py): an untrained UNet amplifies float32
-    # rounding step by step; a tenth of its output layer keeps the images comparable to the pixel.
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(0.1)
-        unet.conv_out.bias.mul_(0.1)
-    return unet
-
-
-def _parts(tokenizer: CLIPTokenizer) -> dict:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128,
-        scaling_factor=0.13025,  # SDXL's VAE's
-    )
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-        vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32,
-    )
-    text_encoder = CLIPTextModel(config)
-    text_encoder_2 = CLIPTextModelWithProjection(config)
-    # SDXL's own scheduler config (stabilityai/stable-diffusion-xl-base-1.0, scheduler_config.json).
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    return {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "scheduler": scheduler}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Tiny SDXL base, refiner and Turbo (the base with SDXL-Turbo's scheduler config) folders."""
     root = tmp_path_factory.mktemp("sdxl")
-    tokenizer = CLIPTokenizer.from_pretrained(TINY / "tokenizer")
-    # SDXL's second tokenizer pads with "!" (stabilityai/stable-diffusion-xl-base-1.0, tokenizer_2).
-    tokenizer_2 = CLIPTokenizer.from_pretrained(TINY / "tokenizer", pad_token="!")
-    parts = _parts(tokenizer)
-    base = StableDiffusionXLPipeline(
-        unet=_unet(64, 80), tokenizer=tokenizer, tokenizer_2=tokenizer_2, add_watermarker=False, **parts,
-    )  # 80 = 6 size ids × 8 + 32
-    base.save_pretrained(root / "base", safe_serialization=True)
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        unet=_unet(32, 72), vae=parts["vae"], text_encoder=None, tokenizer=None,  # 72 = 5 ids × 8 + 32
-        text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizer_2, scheduler=parts["scheduler"],
-        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False,
-    )
-    refiner.save_pretrained(root / "refiner", safe_serialization=True)
+    build_tiny_sdxl.build(root / "base")
+    build_tiny_sdxl.build(root / "refiner", refiner=True)
     turbo = root / "turbo"
     shutil.copytree(root / "base", turbo)
     # stabilityai/sdxl-turbo's scheduler_config.json: Euler ancestral with trailing spacing.

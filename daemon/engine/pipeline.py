@@ -26,7 +26,7 @@ from ..config import MIN_SIZE, Limits
 from ..errors import Cancelled, InvalidParameter
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
-from ..models.family import SD, SDXL, SDXL_REFINER, TITLES
+from ..models.family import SD, SDXL, SDXL_REFINER, TITLES, pad_tokens
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
 from .runtimes import Conditioning, Runtime, StepCallback
@@ -248,7 +248,8 @@ class Pipeline:
         self.model = model
         self.runtime = runtime
         self.limits = limits
-        self.tokenizers = [Tokenizer(folder) for folder in model.tokenizer_dirs]
+        pads = pad_tokens(model.family, len(model.tokenizer_dirs))
+        self.tokenizers = [Tokenizer(folder, pad) for folder, pad in zip(model.tokenizer_dirs, pads)]
         self.feature_extractor: CLIPImageProcessor | None = None
         if model.has_safety_checker:
             import transformers

@@ -16,8 +16,9 @@ class Tokens:
 
 
 class Tokenizer:
-    def __init__(self, folder: Path) -> None:
-        self._clip = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    def __init__(self, folder: Path, pad_token: str | None = None) -> None:
+        padding = {} if pad_token is None else {"pad_token": pad_token}
+        self._clip = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **padding)
         self.max_length = min(int(self._clip.model_max_length), 77)
 
     def encode(self, text: str) -> Tokens:
