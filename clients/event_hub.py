@@ -22,6 +22,7 @@ from .client import Client, ClientError
 from .protocol import DAEMON_TOPIC, FINISHED, Event
 
 HISTORY = 1000  # events kept for Last-Event-ID resumes (previews are live only)
+ENDED = 1000  # the final events of the jobs that ended last, for a waiter that comes after the end
 SUBSCRIBER_BACKLOG = 2000  # events queued for one SSE reader before it is dropped (it reconnects and resumes)
 _TERMINAL = {Event.JOB_DONE, Event.JOB_FAILED, Event.JOB_CANCELLED}
 
@@ -31,9 +32,9 @@ def wire_event(event: dict[str, Any]) -> dict[str, Any]:
     return {key: base64.b64encode(value).decode() if isinstance(value, bytes) else value for key, value in event.items()}
 
 
-def _settle(future: asyncio.Future[None]) -> None:
+def _settle(future: asyncio.Future[dict[str, Any]], event: dict[str, Any]) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(event)
 
 
 @dataclass(eq=False)  # a reader is itself, kept in a set
@@ -61,7 +62,8 @@ class EventHub:
         self._lock = threading.Lock()
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
         self._readers: set[_Reader] = set()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[dict[str, Any]]]]] = {}
+        self._ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._running: dict[str, Running] = {}
         self._stop = threading.Event()
         self._live = threading.Event()
@@ -118,8 +120,13 @@ class EventHub:
             wire = wire_event(event)
             for reader in list(self._readers):
                 reader.loop.call_soon_threadsafe(self._deliver, reader, wire)
-            if kind in _TERMINAL or (kind == Event.JOB_RESYNC and event["state"]["state"] in FINISHED):
-                self._wake(job)
+            if job and (kind in _TERMINAL or (kind == Event.JOB_RESYNC and event["state"]["state"] in FINISHED)):
+                self._ended[job] = event
+                while len(self._ended) > ENDED:
+                    self._ended.popitem(last=False)
+                self._wake(job, event)
+            elif job and kind in (Event.JOB_QUEUED, Event.JOB_REQUEUED):
+                self._ended.pop(job, None)  # a retried job runs again
 
     def _resync(self, job: dict[str, Any]) -> None:
         if job["state"] == "running":
@@ -135,9 +142,9 @@ class EventHub:
             return
         reader.queue.put_nowait(event)
 
-    def _wake(self, job: str | None) -> None:
-        for loop, future in self._waiters.pop(job or "", []):
-            loop.call_soon_threadsafe(_settle, future)
+    def _wake(self, job: str, event: dict[str, Any]) -> None:
+        for loop, future in self._waiters.pop(job, []):
+            loop.call_soon_threadsafe(_settle, future, event)
 
     # --- the asyncio side --------------------------------------------------------------------------
 
@@ -163,15 +170,19 @@ class EventHub:
         with self._lock:
             return len(self._readers)
 
-    def finished(self, job: str) -> asyncio.Future[None]:
-        """A future set when ``job`` ends (done, failed, cancelled). The caller checks the job's state
-        after registering: an end before that has no event left to wake it."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def finished(self, job: str) -> asyncio.Future[dict[str, Any]]:
+        """A future set to the event that ends ``job`` (done, failed, cancelled, or a resync to one of
+        these): at once where it has ended already. Events can be lost (PUB drops, a daemon away):
+        the caller also asks the daemon now and then."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._waiters.setdefault(job, []).append((asyncio.get_running_loop(), future))
+            if job in self._ended:
+                future.set_result(self._ended[job])
+            else:
+                self._waiters.setdefault(job, []).append((asyncio.get_running_loop(), future))
         return future
 
-    def forget(self, job: str, future: asyncio.Future[None]) -> None:
+    def forget(self, job: str, future: asyncio.Future[dict[str, Any]]) -> None:
         with self._lock:
             waiters = [w for w in self._waiters.get(job, []) if w[1] is not future]
             if waiters:

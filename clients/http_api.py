@@ -35,7 +35,7 @@ from .client import Client, DaemonUnreachable, RequestFailed
 from .event_hub import EventHub
 from .http_guard import Guard, GuardMiddleware, is_loopback
 from .pngtext import text_chunks
-from .protocol import FINISHED, STATES, Code
+from .protocol import FINISHED, STATES, Code, Event
 
 WEB = Path(__file__).parent / "web"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # A1111's port: tools find it there
@@ -190,6 +190,20 @@ def refuse_paths(fields: dict[str, Any]) -> None:
             raise HTTPException(422, f"{name}: {value!r} is a path; over HTTP name a model (an alias, catalog name or Hub id)")
 
 
+def ended(job: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """A submitted job as its final event leaves it (docs/protocol.md, Events: job.done carries the
+    outputs and the result's fields, job.failed the error)."""
+    if event["type"] == Event.JOB_RESYNC:
+        return dict(event["state"])
+    if event["type"] == Event.JOB_DONE:
+        result = {key: event[key] for key in ("seed", "width", "height", "flagged", "prompt_dropped", "timings")
+                  if key in event}
+        return {**job, "state": "done", "outputs": event.get("outputs", []), "result": result}
+    if event["type"] == Event.JOB_FAILED:
+        return {**job, "state": "failed", "error": {"code": event.get("code"), "message": event.get("message")}}
+    return {**job, "state": "cancelled"}
+
+
 def _a1111_error(status: int, error: str, detail: str) -> JSONResponse:
     """A1111's api_middleware shape: {error, detail, body, errors}."""
     return JSONResponse(status_code=status, content={"error": error, "detail": detail, "body": "",
@@ -231,19 +245,20 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
     async def refused(_: Request, exc: a1111.Refusal) -> JSONResponse:
         return _a1111_error(exc.status, "HTTPException", exc.detail)
 
-    async def finished_job(job_id: str) -> dict[str, Any]:
-        """The job once it has ended: woken by its final event, checked with `get` now and then."""
-        future = hub.finished(job_id)
+    async def finished_job(job: dict[str, Any]) -> dict[str, Any]:
+        """The job as it ended: from its final event (no round trip), or from `get` where no event
+        came for a while (a lost event)."""
+        future = hub.finished(job["id"])
         try:
             while True:
-                job = await daemon.run(lambda c: c.get(job_id))
-                if job["state"] in FINISHED:
-                    return job
                 await asyncio.wait([future], timeout=RECHECK)
                 if future.done():
-                    future = hub.finished(job_id)  # its event came; the next `get` sees the end
+                    return ended(job, future.result())
+                current = await daemon.run(lambda c: c.get(job["id"]))
+                if current["state"] in FINISHED:
+                    return current
         finally:
-            hub.forget(job_id, future)
+            hub.forget(job["id"], future)
 
     def read_outputs(job: dict[str, Any]) -> list[bytes]:
         return [Path(path).read_bytes() for path in job.get("outputs") or []]
@@ -253,8 +268,7 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
         refuse_paths(fields)
         if init_image is not None:
             fields.update(init_image=init_image, strength=request["denoising_strength"])
-        job = await daemon.run(lambda c: c.submit(**fields))
-        job = await finished_job(job["id"])
+        job = await finished_job(await daemon.run(lambda c: c.submit(**fields)))
         if job["state"] == "failed":
             error = job.get("error") or {}
             return {"status": 500, "error": "JobFailed", "detail": f"{error.get('code')}: {error.get('message')}"}
