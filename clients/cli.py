@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _http(args: argparse.Namespace) -> int:
+    if args.connect:
+        raise ValueError("`diffuse http` serves the daemon on this machine (it reads the images its jobs "
+                         "write); run it beside that daemon instead of --connect")
     try:
         from .http_api import serve
     except ImportError as exc:

@@ -66,15 +66,14 @@ class EventHub:
         self._ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._running: dict[str, Running] = {}
         self._stop = threading.Event()
-        self._live = threading.Event()
+        self._tried = threading.Event()
         self._thread = threading.Thread(target=self._run, name="event-hub", daemon=True)
-        self.error: str | None = None
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start reading; returns once the subscription is live (or ``timeout`` passed: the daemon may
-        come later, the thread keeps trying)."""
+        """Start reading; returns once the first try at subscribing has ended, live or not (a daemon
+        that is not there yet is tried again every second)."""
         self._thread.start()
-        self._live.wait(timeout)
+        self._tried.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,14 +87,13 @@ class EventHub:
             try:
                 with self._client_factory() as client, \
                         client.subscribe([b"job.", b"preview.", b"model.", DAEMON_TOPIC]) as events:
-                    self.error = None
-                    self._live.set()
+                    self._tried.set()
                     while not self._stop.is_set():
                         event = events.next(0.25)
                         if event is not None:
                             self._publish(event)
-            except ClientError as exc:
-                self.error = str(exc)
+            except ClientError:
+                self._tried.set()
                 self._stop.wait(1.0)
 
     # --- the thread's side -------------------------------------------------------------------------

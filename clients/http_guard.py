@@ -170,7 +170,10 @@ class GuardMiddleware:
         scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
         if origin is not None and not self.guard.origin_allowed(origin, host, scheme):
             return 403, "OriginNotAllowed", f"cross-origin request from {origin} refused (--cors-origin allows one)", {}
-        if origin is None and headers.get("sec-fetch-site") == "cross-site":
+        # A link followed from another site to the page is fine (a GET navigation changes nothing);
+        # anything else a browser marks cross-site without an Origin is not.
+        navigation = scope["method"] == "GET" and headers.get("sec-fetch-mode") == "navigate"
+        if origin is None and headers.get("sec-fetch-site") == "cross-site" and not navigation:
             return 403, "OriginNotAllowed", "cross-site request refused (--cors-origin allows an origin)", {}
         preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
         if not preflight and not self.guard.authorised(headers.get("authorization", "")):

@@ -285,6 +285,8 @@ def test_security_refusals_each_with_its_status_while_serving_goes_on(server) ->
     assert cross.status_code == 403 and "evil.example" in cross.json()["detail"]
     assert requests.post(server.base + "/sdapi/v1/interrupt", headers={"Origin": server.base}).status_code == 200
     assert requests.get(ok, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    followed_link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert requests.get(server.base + "/", headers=followed_link).status_code == 200
 
     too_large = requests.post(server.base + "/sdapi/v1/png-info", data=b"x" * (24 * 1024 * 1024 + 1),
                               headers={"Content-Type": "application/json"})
@@ -379,3 +381,16 @@ def test_the_page_in_a_browser(server) -> None:
             browser.close()
     print(f"page screenshot: {shot}")
     assert shot.stat().st_size > 0
+
+
+def test_without_a_daemon_requests_get_503_and_the_server_serves_on(fresh) -> None:
+    """Started before the daemon (or after it stopped): each request says so; the page still loads."""
+    alone = HttpServer(fresh)
+    try:
+        reply = requests.get(alone.base + "/sdapi/v1/options")
+        assert reply.status_code == 503 and reply.json()["error"] == "DaemonUnreachable"
+        conforms(reply.json(), "Error")
+        assert requests.post(alone.base + "/sdapi/v1/txt2img", json={"prompt": "p"}).status_code == 503
+        assert requests.get(alone.base + "/").status_code == 200
+    finally:
+        alone.close()
