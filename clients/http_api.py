@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from . import a1111
-from .client import Client, DaemonUnreachable, RequestFailed
+from .client import Client, DaemonUnreachable, JobFailed, RequestFailed
 from .event_hub import EventHub
 from .http_guard import Guard, GuardMiddleware, is_loopback
 from .pngtext import text_chunks
@@ -241,6 +241,11 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
     async def daemon_gone(_: Request, exc: DaemonUnreachable) -> JSONResponse:
         return _a1111_error(503, "DaemonUnreachable", str(exc))
 
+    @app.exception_handler(JobFailed)
+    async def job_failed(_: Request, exc: JobFailed) -> JSONResponse:
+        error = exc.job.get("error") or {}
+        return _a1111_error(500, "JobFailed", f"{error.get('code')}: {error.get('message')}")
+
     @app.exception_handler(a1111.Refusal)
     async def refused(_: Request, exc: a1111.Refusal) -> JSONResponse:
         return _a1111_error(exc.status, "HTTPException", exc.detail)
@@ -270,11 +275,10 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
             fields.update(init_image=init_image, strength=request["denoising_strength"])
         job = await finished_job(await daemon.run(lambda c: c.submit(**fields)))
         if job["state"] == "failed":
-            error = job.get("error") or {}
-            return {"status": 500, "error": "JobFailed", "detail": f"{error.get('code')}: {error.get('message')}"}
+            raise JobFailed(job)
         pngs = await run_in_threadpool(read_outputs, job) if job["state"] == "done" else []
         infotexts = [text_chunks(png).get("parameters", "") for png in pngs]
-        parameters = {k: v for k, v in request.items()}
+        parameters = dict(request)
         if init_image is not None and not request.get("include_init_images"):
             parameters.update(init_images=None, mask=None)
         return {
@@ -283,16 +287,11 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
             "info": a1111.info_json(job, infotexts, img2img=init_image is not None),
         }
 
-    def images_reply(result: dict[str, Any]) -> Any:
-        if "error" in result:
-            return _a1111_error(result["status"], result["error"], result["detail"])
-        return result
-
     # --- A1111: /sdapi/v1 -----------------------------------------------------------------------------
 
     @app.post("/sdapi/v1/txt2img", response_model=ImagesResponse, tags=["A1111"])
     async def txt2img(request: Txt2ImgRequest) -> Any:
-        return images_reply(await generate(request.filled(), None))
+        return await generate(request.filled(), None)
 
     @app.post("/sdapi/v1/img2img", response_model=ImagesResponse, tags=["A1111"])
     async def img2img(request: Img2ImgRequest) -> Any:
@@ -303,7 +302,7 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
             raise HTTPException(422, f"init_images: diffusiond takes one init image, got {len(fields['init_images'])}")
         if fields["resize_mode"] != 0:
             raise HTTPException(422, f"resize_mode: only 0 (just resize) is supported, got {fields['resize_mode']}")
-        return images_reply(await generate(fields, decode_base64(fields["init_images"][0], "init_images[0]")))
+        return await generate(fields, decode_base64(fields["init_images"][0], "init_images[0]"))
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["A1111"])
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -431,6 +430,8 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
         outputs = (await daemon.run(lambda c: c.get(job_id))).get("outputs") or []
         if not 0 <= index < len(outputs):
             raise HTTPException(404, f"job {job_id} has {len(outputs)} images")
+        if not Path(outputs[index]).is_file():
+            raise HTTPException(404, f"image {index} of job {job_id} is no longer at {outputs[index]}")
         return FileResponse(outputs[index], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/status", tags=["jobs"])
