@@ -222,8 +222,10 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
         yield
         await run_in_threadpool(hub.stop)
 
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN: a local server's pages load
+    # nothing from elsewhere, so only the OpenAPI description itself is served.
     app = FastAPI(title="diffusiond", summary="AUTOMATIC1111's API and native job endpoints over the diffusiond daemon",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

@@ -296,6 +296,7 @@ def test_security_refusals_each_with_its_status_while_serving_goes_on(server) ->
                             data=(b"x" * (1024 * 1024) for _ in range(25)))
     assert chunked.status_code == 413
     assert requests.get(ok).status_code == 200
+    assert "/sdapi/v1/txt2img" in requests.get(server.base + "/openapi.json").json()["paths"]
 
 
 def test_a_non_loopback_bind_needs_credentials(daemon) -> None:
