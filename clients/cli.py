@@ -3,6 +3,7 @@
     diffuse "a lighthouse at dusk" --steps 25 --seed 42     submit, wait with a progress bar
     diffuse jobs | show ID | cancel ID|--all | pause | resume | retry ID | watch [ID] | status
     diffuse hotfolder DIR                                   prompt files dropped into DIR become images
+    diffuse http [--host H] [--port P]                      A1111's HTTP API, job events and a web page
 
 Exit codes: 0 done, 1 the job failed, 2 bad arguments (or parameters the daemon refused),
 3 cancelled, 4 no daemon answers, 5 a wait ran past its --timeout.
@@ -29,7 +30,8 @@ from .protocol import COMPUTE_UNIT_CHOICES, STATES, Event
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
-COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models")
+COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models",
+            "http")
 
 
 def _seconds(text: str) -> float:
@@ -110,7 +112,30 @@ def _parser() -> argparse.ArgumentParser:
     hot.add_argument("--out", type=path_argument, help="folder for the images (default: DIR/out)")
     hot.add_argument("--settle", type=float, default=1.0,
                      help="seconds a file's size must hold still before it is read, where the OS reports no close")
+    http = commands.add_parser("http", help="AUTOMATIC1111's HTTP API, job events (SSE) and a web page (the http extra)")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs "
+                      "--token or --api-auth)")
+    http.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
+    http.add_argument("--token", default=os.environ.get("DIFFUSIOND_HTTP_TOKEN"),
+                      help="require this bearer token (or as a Basic password) on every request (env DIFFUSIOND_HTTP_TOKEN)")
+    http.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic credentials, as A1111's flag")
+    http.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                      help="a web origin (https://app.example) allowed to call the API from a browser (repeatable)")
+    http.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                      help="a Host name besides localhost and the bind address that requests may use (repeatable)")
     return parser
+
+
+def _http(args: argparse.Namespace) -> int:
+    if args.connect:
+        raise ValueError("`diffuse http` serves the daemon on this machine (it reads the images its jobs "
+                         "write); run it beside that daemon instead of --connect")
+    try:
+        from .http_api import serve
+    except ImportError as exc:
+        raise ValueError(f"`diffuse http` needs the http extra: pip install 'diffusiond[http]' ({exc})") from None
+    return serve(args.runtime_dir, args.host, args.port, args.token, args.api_auth, args.cors_origin,
+                 args.allow_host)
 
 
 def _print_json(value: Any) -> None:
@@ -356,6 +381,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return _hotfolder(client, args)
     if args.command == "models":
         return _models(client, args)
+    if args.command == "http":
+        return _http(args)
     status = client.ping()
     if args.json:
         _print_json(status)

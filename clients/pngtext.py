@@ -14,7 +14,14 @@ def read_text(path: Path) -> dict[str, str]:
     data = Path(path).read_bytes()
     if not data.startswith(_SIGNATURE):
         raise ValueError(f"{path} is not a PNG file")
+    return text_chunks(data)
+
+
+def text_chunks(data: bytes) -> dict[str, str]:
+    """Every text chunk of a PNG's bytes (none when they are not a PNG's)."""
     texts: dict[str, str] = {}
+    if not data.startswith(_SIGNATURE):
+        return texts
     pos = len(_SIGNATURE)
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
