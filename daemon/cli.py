@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from diffusiond.clients.arguments import model_name, path_argument, size_argument
+from diffusiond.clients.arguments import lora_argument, model_name, path_argument, size_argument
 from diffusiond.clients.progress import Progress
 from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code, Event
 
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--refiner", type=model_name, help="SDXL: a refiner model that runs the last steps")
     gen.add_argument("--refiner-switch", type=float, default=0.8, help="with --refiner: the share of the steps the base runs")
+    gen.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="NAME[:WEIGHT]",
+                     help="apply a LoRA (a name in the config's lora_dir, or a file); repeatable; <lora:NAME:WEIGHT> "
+                          "in the prompt works too")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNIT_CHOICES,
@@ -114,16 +117,18 @@ def _generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
         scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
         safety_checker=not args.no_safety_checker, refiner=args.refiner, refiner_switch=args.refiner_switch,
+        loras=tuple((lora["name"], lora["weight"]) for lora in args.lora),
     )
     model = ModelFolder.open(args.model)
     refiner = ModelFolder.open(args.refiner) if args.refiner else None
-    resolve(request, model, refiner=refiner)  # every refusal before the seconds a load takes
+    config = load()
+    resolve(request, model, refiner=refiner, lora_dir=config.lora_dir)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     # The model's own runtime, and one image: compiling or capturing graphs would not pay.
-    settings = replace(load(), runtime=model.runtime, device=args.device, compute_units=args.compute_units,
+    settings = replace(config, runtime=model.runtime, device=args.device, compute_units=args.compute_units,
                        compile="off", cuda_graphs="off")
     runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
-    pipeline = Pipeline(model, runtime)
+    pipeline = Pipeline(model, runtime, lora_dir=config.lora_dir)
     second = None if refiner is None else Pipeline(refiner, open_runtime(refiner, settings, False))
     progress, started = Progress(), time.monotonic()
 
