@@ -79,6 +79,8 @@ def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str], int]:
             header = json.loads(file.read(length))
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise _refuse(path, f"not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise _refuse(path, "not a safetensors file (its header is not a map)")
     metadata = header.pop("__metadata__", None) or {}
     shapes = {key: list(value.get("shape", [])) for key, value in header.items() if isinstance(value, dict)}
     return shapes, metadata, 8 + length
@@ -285,10 +287,12 @@ def job_loras(prompt: str, listed: tuple[tuple[str, float], ...], folder: Path,
             if downloads_pending:
                 continue
             raise
-        twice = next((u for u in uses if u.file.path.resolve() == path.resolve()), None)
+        info = inspect(path, name)
+        twice = next((u for u in uses if u.file.hash == info.hash), None)
         if twice is not None:
-            raise InvalidParameter("loras", f"{name!r} is named twice (as {twice.file.name!r} too); name each LoRA once")
-        uses.append(LoraUse(inspect(path, name), weight, in_prompt))
+            raise InvalidParameter("loras", f"{name!r} is named twice (as {twice.file.name!r} too, the same file); "
+                                   "name each LoRA once")
+        uses.append(LoraUse(info, weight, in_prompt))
     return tuple(uses)
 
 
