@@ -16,6 +16,7 @@ from .config import STOP_GRACE, Limits
 from .engine import schedulers
 from .errors import EngineError
 from .models.coreml_folder import PARTS
+from .models.lora import LoraFile
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
     convert.add_argument("--refiner", type=model_name, metavar="SOURCE",
                          help="an SDXL refiner whose Unet goes beside the SDXL base's (UnetRefiner, as Apple's base-with-refiner)")
+    convert.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="FILE[:WEIGHT]",
+                         help="merge this LoRA (a file, a name in the config's lora_dir, or ORG/REPO/FILE.safetensors) "
+                              "into the weights first; repeatable. Jobs with exactly these LoRAs then run on the result")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
     bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
     bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS, default=list(COMPUTE_UNITS))
@@ -320,6 +324,19 @@ def _resolution(text: str) -> tuple[int, int]:
     return (int(text), int(text)) if text.isdigit() else size_argument(text)
 
 
+def _lora_file(name: str) -> LoraFile:
+    """A --lora name's file (a Hub one fetched into the cache first), read and checked."""
+    from .config import load
+    from .models import lora, store
+
+    folder = load().lora_dir
+    try:
+        path = lora.find(name, folder)
+    except lora.LoraNotDownloaded as missing:
+        path = store.pull_file(name, missing.repo, missing.file, lambda state: None)
+    return lora.inspect(path, name)
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         from .coreml.converter import convert
@@ -328,8 +345,9 @@ def _convert(args: argparse.Namespace) -> int:
               "pip install 'diffusiond[convert]'", file=sys.stderr)
         return EXIT_FAILED
     started = time.monotonic()
+    loras = [(_lora_file(entry["name"]), entry["weight"]) for entry in args.lora]
     out = convert(args.source, args.out, args.attention, args.resolution, args.palettize,
-                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts), args.refiner)
+                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts), args.refiner, loras)
     print(out)
     print(f"converted in {time.monotonic() - started:.0f}s; on a Mac: diffusiond generate -m {out} \"…\"",
           file=sys.stderr)

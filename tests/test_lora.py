@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -455,3 +456,71 @@ def test_a_hub_lora_is_downloaded_by_its_job_then_applied(files, tmp_path, monke
         finally:
             assert daemon.stop() == 0
             daemon.close()
+
+
+# Core ML: LoRAs merged into a conversion of the source, once per set
+
+
+@pytest.fixture(scope="module")
+def core_ml_base(tmp_path_factory) -> Path:
+    """The tiny model converted as `diffusiond convert` does (its diffusiond.json names the source)."""
+    from diffusiond.daemon.coreml.converter import convert
+
+    return convert("tiny", tmp_path_factory.mktemp("coreml") / "tiny", "original", progress=lambda _: None)
+
+
+def weights(folder: Path, part: str) -> bytes:
+    """An mlprogram package's weight file (Data/com.apple.CoreML/weights/weight.bin)."""
+    (package,) = folder.glob(f"*_{part}.mlpackage")
+    return (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
+
+
+def test_a_core_ml_jobs_loras_are_merged_into_one_conversion_that_later_jobs_reuse(core_ml_base, lora_dir,
+                                                                                    tmp_path) -> None:
+    from diffusiond.daemon.coreml.merged_models import cache_key, merged_model
+    from diffusiond.daemon.engine.pipeline import lora_key
+    from diffusiond.daemon.models.coreml_folder import CoreMLFolder
+
+    base = CoreMLFolder.open(core_ml_base, "tiny-coreml")
+    prompt = f"{PROMPT} <lora:sd-kohya:0.7>"
+    resolve(Request(prompt), base, lora_dir=lora_dir)  # accepted: its source is known, the daemon converts
+    uses = lora.job_loras(prompt, (), lora_dir)
+    lines: list[str] = []
+    merged = merged_model(base, uses, tmp_path, lines.append)
+    assert any(line.startswith("merging sd-kohya") for line in lines) and any("Unet" in line for line in lines)
+    for part in ("text_encoder", "unet"):  # what the LoRA trains
+        assert weights(merged, part) != weights(core_ml_base, part)
+    assert weights(merged, "vae_decoder") == weights(core_ml_base, "vae_decoder")  # what it does not
+    model = CoreMLFolder.open(merged, "merged")
+    assert model.merged_loras == lora_key(uses) and model.source == "tiny"
+    assert resolve(Request(prompt, seed=1), model, lora_dir=lora_dir).loras[0].weight == 0.7
+    again: list[str] = []
+    assert merged_model(base, uses, tmp_path, again.append) == merged and again == []  # the cache: no conversion
+    assert cache_key(base, lora.job_loras(f"{PROMPT} <lora:sd-kohya:0.5>", (), lora_dir)) != cache_key(base, uses)
+
+
+def test_a_core_ml_model_of_unknown_source_says_a_lora_needs_the_diffusers_base(core_ml_base, lora_dir,
+                                                                                tmp_path) -> None:
+    """Apple's Core ML repos do not say what they were converted from."""
+    from diffusiond.daemon.models.coreml_folder import CoreMLFolder
+
+    apple = tmp_path / "apple"
+    shutil.copytree(core_ml_base, apple)
+    facts = json.loads((apple / "diffusiond.json").read_text())
+    del facts["source"]
+    (apple / "diffusiond.json").write_text(json.dumps(facts))
+    with pytest.raises(InvalidParameter, match=r"only as Core ML.*`diffuse models pull sd15`.*--lora FILE:WEIGHT"):
+        resolve(Request(f"{PROMPT} <lora:sd-kohya>"), CoreMLFolder.open(apple, "sd15-coreml"), lora_dir=lora_dir)
+
+
+def test_diffusiond_convert_lora_merges_and_records_it(files, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "diffusiond.daemon.cli", "convert", "tiny", "--out", str(out),
+                           "--parts", "TextEncoder", "--lora", f"{files['sd-kohya']}:0.6"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads((out / "diffusiond.json").read_text())["loras"]
+    assert recorded == [{"name": str(files["sd-kohya"]), "hash": lora.inspect(files["sd-kohya"]).hash, "weight": 0.6}]

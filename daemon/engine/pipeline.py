@@ -185,9 +185,7 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
         return replace(r, seed=seed, width=width, height=height)
     _check_family(r, model, refiner)
     if loras and isinstance(model, CoreMLFolder):
-        raise InvalidParameter("loras", f"{model.name} is a Core ML model, and a LoRA needs the diffusers-format base: "
-                               "run the job on the diffusers-format model (torch runtime), e.g. the catalog's name "
-                               "without -coreml, or a folder that diffusers' save_pretrained wrote")
+        _check_core_ml_loras(loras, model)
     check_family(loras, model.family, model.name)
     width = model.default_shape[0] if width is None else width
     height = model.default_shape[1] if height is None else height
@@ -229,6 +227,28 @@ def _check_family(r: Request, model: Model, refiner: Model | None) -> None:
     _check(model.family != SDXL_REFINER or r.init_image is not None, "init_image",
            f"{model.name} is an {title}, which refines an image: give init_image (img2img), or give an "
            f"{TITLES[SDXL]} base as model and {model.name} as its refiner")
+
+
+def lora_key(loras: tuple[tuple[LoraFile, float], ...] | tuple[LoraUse, ...]) -> tuple[tuple[str, float], ...]:
+    """What a set of LoRAs is compared by: each file's hash and weight."""
+    return tuple((u.file.hash, u.weight) if isinstance(u, LoraUse) else (u[0].hash, float(u[1])) for u in loras)
+
+
+def _check_core_ml_loras(loras: tuple[LoraUse, ...], model: CoreMLFolder) -> None:
+    """Core ML cannot change weights at run time: a LoRA is merged into the diffusers-format source
+    and converted (the daemon does it once per set and caches it). A model converted with exactly
+    these LoRAs runs as it is; one whose source is not known cannot take any."""
+    if lora_key(loras) == model.merged_loras or model.source is not None:
+        return
+    from ..models import catalog
+
+    base = catalog.diffusers_variant(model.name)
+    get = (f"`diffuse models pull {base.alias}` ({base.repo})" if base else
+           "the diffusers-format model it was converted from (a Hub repo or a folder)")
+    raise InvalidParameter("loras", f"{model.name} exists here only as Core ML, which cannot take a LoRA at run time: "
+                           f"a LoRA is merged into the diffusers-format base, then converted. Get {get}, then "
+                           "`diffusiond convert BASE --lora FILE:WEIGHT --out DIR` and use DIR as the model, or "
+                           "run the job on the diffusers-format base (torch runtime)")
 
 
 def _img2img_begin(steps: int, strength: float) -> int:
@@ -275,7 +295,8 @@ class Pipeline:
         self.runtime = runtime
         self.limits = limits
         self.lora_dir = lora_dir
-        self.loras: tuple[tuple[LoraFile, float], ...] = ()  # applied to the runtime now
+        # (hash, weight) of the LoRAs in the runtime's weights now: a Core ML model's, merged when it was converted.
+        self.loras = model.merged_loras if isinstance(model, CoreMLFolder) else ()
         self.tokenizers = [Tokenizer(folder) for folder in model.tokenizer_dirs]
         self.feature_extractor: CLIPImageProcessor | None = None
         if model.has_safety_checker:
@@ -360,14 +381,14 @@ class Pipeline:
     def _apply_loras(self, loras: tuple[tuple[LoraFile, float], ...]) -> None:
         """The job's LoRAs on the model (the refiner's stays as it is): the same set as the last job's is
         kept applied; another set, or none, replaces it. After a failure nothing is applied."""
-        if loras == self.loras:
+        if lora_key(loras) == self.loras:
             return
         try:
             self.runtime.set_loras(loras)
         except BaseException:
             self.loras = ()
             raise
-        self.loras = loras
+        self.loras = lora_key(loras)
 
     def _conditioning(self, r: Resolved, guided: bool) -> Conditioning:
         """The UNet's conditioning, rows [negative, prompt] (or [prompt] unguided), each once per image.

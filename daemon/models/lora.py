@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidParameter
 from .family import SD, SDXL, TITLES
@@ -302,3 +306,105 @@ def check_family(uses: tuple[LoraUse, ...], family: str, model: str) -> None:
         if use.file.family is not None and use.file.family != family:
             raise _refuse(use.file.path, f"an {TITLES[use.file.family]} LoRA, and {model} is an {TITLES[family]} model; "
                           f"give an {TITLES[family]} LoRA or an {TITLES[use.file.family]} model")
+
+
+# Applying LoRAs to diffusers/transformers modules: the torch runtime (per job) and the Core ML
+# converter (merged once). torch, diffusers and peft are imported here only when used.
+
+
+def lora_host(unet: Any, text_encoders: Sequence[Any], sdxl: bool) -> Any:
+    """A diffusers pipeline around these very modules (no copies): the object diffusers' LoRA
+    methods (lora_state_dict, set_adapters, fuse_lora, delete_adapters, unload_lora_weights) work on.
+    ``text_encoders``: SD's one; SDXL's two, or the refiner's second alone."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if sdxl:
+        first, second = text_encoders if len(text_encoders) == 2 else (None, text_encoders[0])
+        return StableDiffusionXLPipeline(vae=None, unet=unet, scheduler=None, text_encoder=first, text_encoder_2=second,
+                                         tokenizer=None, tokenizer_2=None, add_watermarker=False)
+    return StableDiffusionPipeline(vae=None, unet=unet, scheduler=None, text_encoder=text_encoders[0], tokenizer=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class _Unfit(logging.Handler):
+    """diffusers' warning that a LoRA's keys found no layer of the model (it only logs it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "unexpected keys" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def load_adapter(host: Any, name: str, file: LoraFile) -> None:
+    """One LoRA file as adapter ``name`` on the UNet and the text encoders it trains; a file whose
+    layers do not fit this model is refused, naming it.
+
+    diffusers reads and converts the file (lora_state_dict: kohya's and Stability's names to its
+    own) and loads the UNet's part (load_lora_into_unet). The text encoders' parts go in as its
+    load_lora_into_text_encoder prepares them, but through PEFT itself (inject_adapter_in_model,
+    set_peft_model_state_dict) rather than transformers' load_adapter, which asks for a PEFT
+    release newer than any published (transformers 5.24 wants peft 0.22; PyPI's newest is 0.21.2).
+    """
+    logger = logging.getLogger("diffusers.utils.peft_utils")
+    unfit, level, propagate = _Unfit(), logger.level, logger.propagate
+    logger.addHandler(unfit)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():  # PEFT's note that a second adapter joins the first: what is meant
+            warnings.filterwarnings("ignore", "Already found a `peft_config` attribute")
+            state, alphas = host.lora_state_dict(str(file.path), unet_config=host.unet.config)
+            host.load_lora_into_unet(state, alphas, unet=host.unet, adapter_name=name, _pipeline=host)
+            for prefix in ("text_encoder", "text_encoder_2"):
+                encoder = getattr(host, prefix, None)
+                if encoder is not None:
+                    unfit.messages += _load_text_encoder_adapter(state, alphas, encoder, prefix, name)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise InvalidParameter("loras", f"{file.path}: does not fit this model's layers ({reason})") from None
+    finally:
+        logger.removeHandler(unfit)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    if unfit.messages:
+        raise InvalidParameter("loras", f"{file.path}: some of its layers match no layer of this model "
+                               f"({unfit.messages[0][:300]}): a LoRA for another model")
+
+
+def _load_text_encoder_adapter(state: dict[str, Any], alphas: dict[str, Any] | None, encoder: Any, prefix: str,
+                               name: str) -> list[str]:
+    """The ``prefix.`` part of a converted LoRA state dict as adapter ``name`` on a text encoder, as
+    diffusers' _load_lora_into_text_encoder builds it; the keys that found no layer."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if not part:
+        return []
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    if not hasattr(encoder, "text_model"):  # transformers 5's CLIPTextModel is flat; files name text_model.
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+    ranks = {k: v.shape[1] for k, v in part.items() if k.endswith("lora_B.weight")}
+    own = {k.removeprefix(f"{prefix}."): v for k, v in (alphas or {}).items() if k.split(".")[0] == prefix}
+    config = _create_lora_config(part, own or None, None, ranks, is_unet=False)
+    inject_adapter_in_model(config, encoder, adapter_name=name)
+    result = set_peft_model_state_dict(encoder, part, adapter_name=name)
+    encoder.to(device=encoder.device, dtype=encoder.dtype)
+    return [f"{prefix}: unexpected keys {k}" for k in getattr(result, "unexpected_keys", []) if "lora_" in k][:1]
+
+
+def merge(unet: Any, text_encoders: Sequence[Any], sdxl: bool, loras: Sequence[tuple[LoraFile, float]]) -> None:
+    """Merge LoRAs into these modules' weights for good (diffusers' fuse_lora, then unload_lora_weights,
+    which leaves the fused weights): what a conversion to Core ML, which cannot change weights at run
+    time, starts from."""
+    host = lora_host(unet, text_encoders, sdxl)
+    names = [f"lora_{file.hash}" for file, _ in loras]
+    for name, (file, _) in zip(names, loras):
+        load_adapter(host, name, file)
+    host.set_adapters(names, [float(weight) for _, weight in loras])
+    host.fuse_lora(adapter_names=names)
+    host.unload_lora_weights()

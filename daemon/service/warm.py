@@ -17,7 +17,8 @@ from diffusiond.clients.protocol import Event, model_topic
 from ..config import Config
 from ..engine.pipeline import Pipeline, Request, Result
 from ..engine.runtimes import StepCallback
-from ..errors import ModelNotDownloaded
+from ..errors import Cancelled, ModelNotDownloaded
+from ..models.coreml_folder import CoreMLFolder
 from ..models import catalog, lora, store
 from ..models.diffusers_folder import ModelFolder
 from ..models.ref import parse
@@ -55,6 +56,8 @@ class WarmModels:
         together, the pair may hold one model more than max_loaded while it runs."""
         pipeline = self.get(model, cancelled)
         self.pull_loras(request, cancelled)
+        if isinstance(pipeline.model, CoreMLFolder):
+            pipeline = self.with_merged_loras(pipeline, request, cancelled)
         refiner = None if request.refiner is None else self.get(request.refiner, cancelled, keep=model)
         result = pipeline.generate(request, on_step=on_step, cancelled=cancelled, refiner=refiner)
         for name in (model, request.refiner):
@@ -74,6 +77,27 @@ class WarmModels:
                 path = store.pull_file(name, missing.repo, missing.file,
                                        lambda progress: self.emit(topic, {"type": Event.MODEL_DOWNLOAD, **progress}), cancelled)
                 self.emit(topic, {"type": Event.MODEL_DOWNLOADED, "model": name, "path": str(path)})
+
+    def with_merged_loras(self, pipeline: Pipeline, request: Request, cancelled: Callable[[], bool]) -> Pipeline:
+        """A Core ML model's pipeline for a job's LoRAs: itself when it has none (or these merged in), else
+        the model converted with them merged (coreml/merged_models.py: once per set, cached), with
+        `model.converting` events on the base's topic while it converts."""
+        from ..coreml.merged_models import merged_model
+        from ..engine.pipeline import lora_key
+
+        base = pipeline.model
+        assert isinstance(base, CoreMLFolder)
+        uses = lora.job_loras(request.prompt, request.loras, self.config.lora_dir)
+        if not uses or lora_key(uses) == base.merged_loras:
+            return pipeline
+        topic, started = model_topic(base.name), time.monotonic()
+        folder = merged_model(base, uses, self.config.state_dir,
+                              lambda line: self.emit(topic, {"type": Event.MODEL_CONVERTING, "model": base.name, "line": line}))
+        if cancelled():
+            raise Cancelled("cancelled after converting the model with its LoRAs (the conversion is kept)")
+        self.emit(topic, {"type": Event.MODEL_CONVERTED, "model": base.name, "path": str(folder),
+                          "seconds": time.monotonic() - started})
+        return self.get(str(folder), cancelled, keep=base.name)
 
     def touch(self, name: str) -> None:
         self.last_used[name] = time.monotonic()

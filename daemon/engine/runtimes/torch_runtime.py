@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ...config import TORCH_SETTINGS, check_choice
-from ...errors import InvalidParameter, ModelInvalid
+from ...errors import ModelInvalid
+from ...models.lora import load_adapter, lora_host
 from ..linear_steps import LinearPlan
 from . import BeforeStep, Conditioning, StepCallback, TextEncoding
 
@@ -251,20 +251,8 @@ class TorchRuntime:
         return loop.run(latents, conditioning, plan, guidance, before_step, on_step)
 
     def _lora_pipeline(self) -> Any:
-        """A diffusers pipeline around this runtime's own modules (no copies): the object diffusers'
-        LoRA methods (load_lora_weights, set_adapters, delete_adapters, unload_lora_weights) work on."""
         if self._lora_host is None:
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-            common = {"vae": self.vae, "unet": self.unet, "scheduler": None}
-            if self.sdxl:
-                first, second = self.text_encoders if len(self.text_encoders) == 2 else (None, self.text_encoders[0])
-                self._lora_host = StableDiffusionXLPipeline(text_encoder=first, text_encoder_2=second, tokenizer=None,
-                                                            tokenizer_2=None, add_watermarker=False, **common)
-            else:
-                self._lora_host = StableDiffusionPipeline(text_encoder=self.text_encoders[0], tokenizer=None,
-                                                          safety_checker=None, feature_extractor=None,
-                                                          requires_safety_checker=False, **common)
+            self._lora_host = lora_host(self.unet, self.text_encoders, self.sdxl)
         return self._lora_host
 
     def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
@@ -289,9 +277,7 @@ class TorchRuntime:
                 self._adapters = [name for name in self._adapters if name in wanted]
             for name, (file, _) in wanted.items():
                 if name not in self._adapters:
-                    with warnings.catch_warnings():  # PEFT's note that a second adapter joins the first: meant
-                        warnings.filterwarnings("ignore", "Already found a `peft_config` attribute")
-                        _load_adapter(host, name, file)
+                    load_adapter(host, name, file)
                     self._adapters.append(name)
             host.set_adapters(list(wanted), [weight for _, weight in wanted.values()])
         except BaseException:
@@ -341,75 +327,6 @@ class TorchRuntime:
             self._loops.popitem(last=False)
         self._loops[key] = _Loop(self, shape, conditioning, capacity, guided)
         return self._loops[key]
-
-
-class _Unfit(logging.Handler):
-    """diffusers' warning that a LoRA's keys found no layer of the model (it only logs it)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "unexpected keys" in record.getMessage():
-            self.messages.append(record.getMessage())
-
-
-def _load_adapter(host: Any, name: str, file: LoraFile) -> None:
-    """One LoRA file as adapter ``name`` on the UNet and the text encoders it trains; a file whose
-    layers do not fit this model is refused, naming it.
-
-    diffusers reads and converts the file (lora_state_dict: kohya's and Stability's names to its
-    own) and loads the UNet's part (load_lora_into_unet). The text encoders' parts go in as its
-    load_lora_into_text_encoder prepares them, but through PEFT itself (inject_adapter_in_model,
-    set_peft_model_state_dict) rather than transformers' load_adapter, which asks for a PEFT
-    release newer than any published (transformers 5.24 wants peft 0.22; PyPI's newest is 0.21.2).
-    """
-    logger = logging.getLogger("diffusers.utils.peft_utils")
-    unfit, level, propagate = _Unfit(), logger.level, logger.propagate
-    logger.addHandler(unfit)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    try:
-        state, alphas = host.lora_state_dict(str(file.path), unet_config=host.unet.config)
-        host.load_lora_into_unet(state, alphas, unet=host.unet, adapter_name=name, _pipeline=host)
-        for prefix in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(host, prefix, None)
-            if encoder is not None:
-                unfit.messages += _load_text_encoder_adapter(state, alphas, encoder, prefix, name)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise InvalidParameter("loras", f"{file.path}: does not fit this model's layers ({reason})") from None
-    finally:
-        logger.removeHandler(unfit)
-        logger.setLevel(level)
-        logger.propagate = propagate
-    if unfit.messages:
-        raise InvalidParameter("loras", f"{file.path}: some of its layers match no layer of this model "
-                               f"({unfit.messages[0][:300]}): a LoRA for another model")
-
-
-def _load_text_encoder_adapter(state: dict[str, Any], alphas: dict[str, Any] | None, encoder: Any, prefix: str,
-                               name: str) -> list[str]:
-    """The ``prefix.`` part of a converted LoRA state dict as adapter ``name`` on a text encoder, as
-    diffusers' _load_lora_into_text_encoder builds it; the keys that found no layer."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from diffusers.utils.peft_utils import _create_lora_config
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-    if not part:
-        return []
-    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-    if not hasattr(encoder, "text_model"):  # transformers 5's CLIPTextModel is flat; files name text_model.
-        part = {k.removeprefix("text_model."): v for k, v in part.items()}
-    ranks = {k: v.shape[1] for k, v in part.items() if k.endswith("lora_B.weight")}
-    own = {k.removeprefix(f"{prefix}."): v for k, v in (alphas or {}).items() if k.split(".")[0] == prefix}
-    config = _create_lora_config(part, own or None, None, ranks, is_unet=False)
-    inject_adapter_in_model(config, encoder, adapter_name=name)
-    result = set_peft_model_state_dict(encoder, part, adapter_name=name)
-    encoder.to(device=encoder.device, dtype=encoder.dtype)
-    return [f"{prefix}: unexpected keys {k}" for k in getattr(result, "unexpected_keys", []) if "lora_" in k][:1]
 
 
 # The shapes of a Conditioning's arrays (hidden, text_embeds, time_ids; None where it has none).
