@@ -524,3 +524,31 @@ def test_diffusiond_convert_lora_merges_and_records_it(files, tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     recorded = json.loads((out / "diffusiond.json").read_text())["loras"]
     assert recorded == [{"name": str(files["sd-kohya"]), "hash": lora.inspect(files["sd-kohya"]).hash, "weight": 0.6}]
+
+
+def test_the_worker_converts_a_core_ml_jobs_loras_once_then_runs_every_such_job_on_it(core_ml_base, lora_dir,
+                                                                                     tmp_path, monkeypatch) -> None:
+    """WarmModels, as the daemon's worker runs a job: the first job with the set converts (with
+    `model.converting` events) and loads the result, the second finds it converted. Core ML's load
+    and predict are test_coreml.py's SpecStandIn (NOT Core ML: it checks each feed against the
+    converted package's declared inputs and answers zeros); everything else is the daemon's."""
+    from diffusiond.daemon.config import Config
+    from diffusiond.daemon.engine.runtimes import coreml_runtime
+    from diffusiond.daemon.service.warm import WarmModels
+
+    from .test_coreml import SpecStandIn
+
+    monkeypatch.setattr(coreml_runtime, "_load", lambda path, units, name: SpecStandIn(path, 0.0))
+    events: list[dict] = []
+    config = Config(state_dir=tmp_path / "state", lora_dir=lora_dir, compute_units="cpuAndGPU", max_loaded=2)
+    models = WarmModels(config, lambda topic, body: events.append(body))
+    request = Request(f"{PROMPT} <lora:sd-kohya:0.7>", steps=2, seed=1)
+    result = models.generate(str(core_ml_base), request, None, lambda: False)
+    kinds = [event["type"] for event in events]
+    assert "model.converting" in kinds and kinds.index("model.converted") < len(kinds) - 1
+    (merged,) = [name for name in models.loaded if "coreml-loras" in name]
+    assert "Lora hashes: \"sd-kohya: " in infotext(result.request, str(core_ml_base))
+    events.clear()
+    models.generate(str(core_ml_base), request, None, lambda: False)
+    assert not [event for event in events if event["type"] in ("model.converting", "model.loading")]
+    assert merged in models.loaded
