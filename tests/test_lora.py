@@ -22,6 +22,7 @@ import json
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,23 @@ def test_diffuse_applies_a_lora_named_in_the_prompt_through_the_daemon(files, tm
         assert refused.returncode == 2 and "loha.safetensors: a LyCORIS LoHa network" in refused.stderr
         missing = diffuse("a cat", "--lora", "nope")
         assert missing.returncode == 2 and "no LoRA 'nope'" in missing.stderr
+
+        # The hot folder's --lora goes on every file's job.
+        hot = tmp_path / "hot"
+        hot.mkdir()
+        (hot / "cat.txt").write_text("a cat\nSteps: 3, Seed: 5\n")
+        watcher = subprocess.Popen([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(daemon.runtime_dir),
+                                    "hotfolder", str(hot), "--settle", "0.2", "--lora", "tiny:0.7"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (hot / "done" / "cat.txt").exists():  # polled, as tests/test_hotfolder.py waits for a file
+                assert time.monotonic() < deadline and watcher.poll() is None, "the hot folder did not finish the file"
+                time.sleep(0.05)
+        finally:
+            watcher.terminate()
+            watcher.wait(timeout=30)
+        assert np.array_equal(pixels(str(hot / "out" / "cat.png")), pixels(first))
     finally:
         assert daemon.stop() == 0
         daemon.close()
