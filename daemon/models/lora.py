@@ -1,8 +1,8 @@
 """LoRA files: what a safetensors LoRA holds, where a named one lives, and what cannot be applied.
 
 A LoRA is read from its safetensors header alone (key names and shapes), so listing a folder of
-them or checking a job's costs no tensor loading. Two key formats are applied (by diffusers' own
-loaders, in the torch runtime):
+them or checking a job's costs no tensor loading. Two key formats are applied, by diffusers' own
+loaders (below: as adapters by the torch runtime, merged for a Core ML conversion):
 
 * diffusers/PEFT: ``unet.….lora_A.weight`` / ``lora_B`` (and ``text_encoder.``, ``text_encoder_2.``),
   what diffusers' training scripts and ``save_lora_weights`` write;
@@ -10,7 +10,7 @@ loaders, in the torch runtime):
   ``lora_te2_…`` (SDXL) with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``, as
   kohya-ss/sd-scripts networks/lora.py names its modules.
 
-LyCORIS's other network types (LoHa, LoKr, OFT, full diffs) are refused by name.
+LyCORIS's other network types (LoHa, LoKr, OFT, GLoRA, (IA)³, full diffs) are refused by name.
 
 The hash is A1111's: its ``Lora hashes:`` infotext key carries the first 12 hex digits
 (extensions-builtin/Lora/network.py, ``NetworkOnDisk.set_hash``) of the sha256 of the file's
