@@ -30,3 +30,19 @@ def model_name(text: str) -> str:
     if text.startswith((".", "/", "~")) or path.is_dir():
         return str(path.resolve())
     return text
+
+
+def lora_argument(text: str) -> dict[str, object]:
+    """argparse type of --lora NAME[:WEIGHT] (weight 1 when left out): a job's `loras` entry. A
+    file named like a path, or existing here, goes to the daemon as its absolute path."""
+    name, _, tail = text.rpartition(":")
+    try:
+        weight = float(tail)
+    except ValueError:
+        name, weight = text, 1.0
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"--lora takes NAME or NAME:WEIGHT, got {text!r}")
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or path.is_file():
+        name = str(path.resolve())
+    return {"name": name, "weight": weight}

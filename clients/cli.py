@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import model_name, path_argument, size_argument
+from .arguments import lora_argument, model_name, path_argument, size_argument
 from .client import Client, ClientError, DaemonUnreachable, JobCancelled, JobFailed, RequestFailed, WaitTimeout
 from .infotext import job_settings, parse_infotext
 from .progress import Progress
@@ -31,7 +31,9 @@ from .protocol import COMPUTE_UNIT_CHOICES, STATES, Event
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 COMMANDS = ("submit", "jobs", "show", "cancel", "pause", "resume", "retry", "watch", "status", "hotfolder", "models",
-            "http")
+            "loras", "http")
+LORA_HELP = ("apply a LoRA: a name in the daemon's lora_dir (`diffuse loras`) or a .safetensors file, at WEIGHT "
+             "(default 1); repeatable. <lora:NAME:WEIGHT> in the prompt does the same")
 
 
 def _seconds(text: str) -> float:
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--refiner", help="SDXL: a refiner model (folder, alias or Hub id) that runs the last steps")
     submit.add_argument("--refiner-switch", type=float, dest="refiner_switch",
                         help="SDXL with --refiner: the share of the steps the base runs (0–1, default 0.8)")
+    submit.add_argument("--lora", type=lora_argument, action="append", metavar="NAME[:WEIGHT]", help=LORA_HELP)
     submit.add_argument("--no-safety-checker", action="store_true")
     submit.add_argument("-o", "--out", type=path_argument, help="folder for the images (default: the daemon's)")
     submit.add_argument("--priority", type=int, help="higher runs first")
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="every event as it happens (Ctrl-C stops)")
     watch.add_argument("id", nargs="?", help="only this job, until it finishes")
     commands.add_parser("status", help="the daemon's version, models and queue")
+    commands.add_parser("loras", help="the LoRA files in the daemon's lora_dir: name, family, rank, size, hash")
     models = commands.add_parser("models", help="catalog and local models; pull or remove one")
     models_commands = models.add_subparsers(dest="models_command")
     pull = models_commands.add_parser("pull", help="download a Hub model (org/name[@revision] or a catalog name)")
@@ -110,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     hot = commands.add_parser("hotfolder", help="turn .txt prompt files dropped into DIR into images (runs until stopped)")
     hot.add_argument("dir", type=path_argument)
     hot.add_argument("--out", type=path_argument, help="folder for the images (default: DIR/out)")
+    hot.add_argument("--lora", type=lora_argument, action="append", metavar="NAME[:WEIGHT]",
+                     help="apply this LoRA to every file's job (beside the files' own <lora:…> tags); repeatable")
     hot.add_argument("--settle", type=float, default=1.0,
                      help="seconds a file's size must hold still before it is read, where the OS reports no close")
     http = commands.add_parser("http", help="AUTOMATIC1111's HTTP API, job events (SSE) and a web page (the http extra)")
@@ -164,6 +170,8 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["model"] = model_name(args.model)
     if args.refiner is not None:
         fields["refiner"] = model_name(args.refiner)
+    if args.lora:
+        fields["loras"] = args.lora
     if args.size:
         fields["width"], fields["height"] = args.size
     if args.no_safety_checker:
@@ -280,7 +288,7 @@ def _hotfolder(client: Client, args: argparse.Namespace) -> int:
     def report(event: dict[str, Any]) -> None:
         print(line({"ts": time.time(), **event}) if args.json else f"{time.strftime('%H:%M:%S')} {line(event)}", flush=True)
 
-    HotFolder(args.dir, client, args.out, args.settle, report).run(stop)
+    HotFolder(args.dir, client, args.out, args.settle, report, args.lora or []).run(stop)
     return EXIT_DONE
 
 
@@ -304,6 +312,22 @@ def _models(client: Client, args: argparse.Namespace) -> int:
         where = model.get("path") or model.get("repo", "")
         print(f"{model['name']:<24} {model['runtime']:<7} {model.get('variant', ''):<17} {_size_text(model.get('size')):>9}  "
               f"{state:<14} {where}")
+    return EXIT_DONE
+
+
+def _loras(client: Client, args: argparse.Namespace) -> int:
+    listing = client.call("models")
+    if args.json:
+        _print_json({"loras": listing["loras"], "lora_dir": listing["lora_dir"]})
+        return EXIT_DONE
+    if not listing["loras"]:
+        print(f"diffuse: no LoRA files in {listing['lora_dir']}", file=sys.stderr)
+    for entry in listing["loras"]:
+        if entry.get("error"):
+            print(f"{entry['name']:<32} cannot be applied: {entry['error']}")
+            continue
+        family = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}.get(entry["family"] or "", "?")
+        print(f"{entry['name']:<32} {family:<10} rank {entry['rank']:<4} {_size_text(entry['size']):>9}  {entry['hash']}")
     return EXIT_DONE
 
 
@@ -383,6 +407,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return _models(client, args)
     if args.command == "http":
         return _http(args)
+    if args.command == "loras":
+        return _loras(client, args)
     status = client.ping()
     if args.json:
         _print_json(status)

@@ -102,8 +102,10 @@ class HotFolder:
         output_dir: Path | None = None,
         settle: float = 1.0,
         report: Callable[[dict[str, Any]], None] | None = None,
+        loras: list[dict[str, object]] | None = None,
     ) -> None:
         self.folder = folder.resolve()
+        self.loras = loras or []  # --lora: on every file's job, beside the file's own <lora:…> tags
         self.output_dir = (output_dir or self.folder / "out").resolve()
         self.done_dir, self.failed_dir = self.folder / "done", self.folder / "failed"
         self.client = client
@@ -325,7 +327,8 @@ class HotFolder:
         identity = f"{self.folder}\0{item.path.name}\0{inode}\0{mtime}\0".encode() + data
         key = "hotfolder:" + hashlib.sha256(identity).hexdigest()[:40]
         try:
-            job = self.client.submit(**fields, output_dir=str(self.output_dir), output_name=item.path.stem,
+            extra: dict[str, Any] = {"loras": self.loras} if self.loras else {}
+            job = self.client.submit(**fields, **extra, output_dir=str(self.output_dir), output_name=item.path.stem,
                                      idempotency_key=key)
         except RequestFailed as exc:
             self._fail(item, f"{exc.message} ({exc.code})")

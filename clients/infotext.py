@@ -33,7 +33,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "Refiner switch at": ("refiner_switch", float),
 }
 # Written for the record, not settings a new job takes.
-_RECORD_ONLY = {"Batch pos", "Version", "Prompt truncated", "Safety checker", "NSFW"}
+# `Lora hashes`: the prompt's <lora:…> tags name the LoRAs; the hashes say which files they were.
+_RECORD_ONLY = {"Batch pos", "Version", "Prompt truncated", "Safety checker", "NSFW", "Lora hashes"}
 
 
 @dataclass

@@ -62,6 +62,8 @@ class Event:
     MODEL_DOWNLOAD = "model.download"
     MODEL_DOWNLOADED = "model.downloaded"
     MODEL_DOWNLOAD_FAILED = "model.download_failed"
+    MODEL_CONVERTING = "model.converting"  # a Core ML model converted with a job's LoRAs merged in: a line per stage
+    MODEL_CONVERTED = "model.converted"
     MODEL_LOADING = "model.loading"
     MODEL_COMPILING = "model.compiling"
     MODEL_COMPILED = "model.compiled"

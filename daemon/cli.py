@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from diffusiond.clients.arguments import model_name, path_argument, size_argument
+from diffusiond.clients.arguments import lora_argument, model_name, path_argument, size_argument
 from diffusiond.clients.progress import Progress
 from diffusiond.clients.protocol import COMPUTE_UNIT_CHOICES, COMPUTE_UNITS, Code, Event
 
@@ -16,6 +16,7 @@ from .config import STOP_GRACE, Limits
 from .engine import schedulers
 from .errors import EngineError
 from .models.coreml_folder import PARTS
+from .models.lora import LoraFile
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0–1]")
     gen.add_argument("--refiner", type=model_name, help="SDXL: a refiner model that runs the last steps")
     gen.add_argument("--refiner-switch", type=float, default=0.8, help="with --refiner: the share of the steps the base runs")
+    gen.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="NAME[:WEIGHT]",
+                     help="apply a LoRA (a name in the config's lora_dir, or a file); repeatable; <lora:NAME:WEIGHT> "
+                          "in the prompt works too")
     gen.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     gen.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     gen.add_argument("--compute-units", default="auto", choices=COMPUTE_UNIT_CHOICES,
@@ -83,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="convert only these networks")
     convert.add_argument("--refiner", type=model_name, metavar="SOURCE",
                          help="an SDXL refiner whose Unet goes beside the SDXL base's (UnetRefiner, as Apple's base-with-refiner)")
+    convert.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="FILE[:WEIGHT]",
+                         help="merge this LoRA (a file, a name in the config's lora_dir, or ORG/REPO/FILE.safetensors) "
+                              "into the weights first; repeatable. Jobs with exactly these LoRAs then run on the result")
     bench = commands.add_parser("bench", help="time each Core ML compute-unit option; `auto` uses the fastest from then on")
     bench.add_argument("-m", "--model", help="a Core ML model (default: the config's model)")
     bench.add_argument("--compute-units", nargs="+", choices=COMPUTE_UNITS, default=list(COMPUTE_UNITS))
@@ -114,16 +121,18 @@ def _generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
         scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
         safety_checker=not args.no_safety_checker, refiner=args.refiner, refiner_switch=args.refiner_switch,
+        loras=tuple((lora["name"], lora["weight"]) for lora in args.lora),
     )
     model = ModelFolder.open(args.model)
     refiner = ModelFolder.open(args.refiner) if args.refiner else None
-    resolve(request, model, refiner=refiner)  # every refusal before the seconds a load takes
+    config = load()
+    resolve(request, model, refiner=refiner, lora_dir=config.lora_dir)  # every refusal before the seconds a load takes
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     # The model's own runtime, and one image: compiling or capturing graphs would not pay.
-    settings = replace(load(), runtime=model.runtime, device=args.device, compute_units=args.compute_units,
+    settings = replace(config, runtime=model.runtime, device=args.device, compute_units=args.compute_units,
                        compile="off", cuda_graphs="off")
     runtime = open_runtime(model, settings, model.has_safety_checker and request.safety_checker)
-    pipeline = Pipeline(model, runtime)
+    pipeline = Pipeline(model, runtime, lora_dir=config.lora_dir)
     second = None if refiner is None else Pipeline(refiner, open_runtime(refiner, settings, False))
     progress, started = Progress(), time.monotonic()
 
@@ -315,6 +324,19 @@ def _resolution(text: str) -> tuple[int, int]:
     return (int(text), int(text)) if text.isdigit() else size_argument(text)
 
 
+def _lora_file(name: str) -> LoraFile:
+    """A --lora name's file (a Hub one fetched into the cache first), read and checked."""
+    from .config import load
+    from .models import lora, store
+
+    folder = load().lora_dir
+    try:
+        path = lora.find(name, folder)
+    except lora.LoraNotDownloaded as missing:
+        path = store.pull_file(name, missing.repo, missing.file, lambda state: None)
+    return lora.inspect(path, name)
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         from .coreml.converter import convert
@@ -323,8 +345,9 @@ def _convert(args: argparse.Namespace) -> int:
               "pip install 'diffusiond[convert]'", file=sys.stderr)
         return EXIT_FAILED
     started = time.monotonic()
+    loras = [(_lora_file(entry["name"]), entry["weight"]) for entry in args.lora]
     out = convert(args.source, args.out, args.attention, args.resolution, args.palettize,
-                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts), args.refiner)
+                  lambda line: print(line, file=sys.stderr, flush=True), tuple(args.parts), args.refiner, loras)
     print(out)
     print(f"converted in {time.monotonic() - started:.0f}s; on a Mac: diffusiond generate -m {out} \"…\"",
           file=sys.stderr)

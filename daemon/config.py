@@ -36,6 +36,13 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or _home(".local", "state")) / "diffusiond"
 
 
+def default_lora_dir() -> Path:
+    """LoRA files by name: under the user's data folder (XDG_DATA_HOME on Linux), beside the state on a Mac."""
+    if sys.platform == "darwin":
+        return _home("Library", "Application Support", "diffusiond", "loras")
+    return Path(os.environ.get("XDG_DATA_HOME") or _home(".local", "share")) / "diffusiond" / "loras"
+
+
 MIN_SIZE = 64  # the smallest width or height; Limits.size is the largest
 # Seconds a stop waits for the worker to reach a point between model calls; a call that runs
 # longer (one step of a huge image on the CPU) is abandoned and its job queued again. Here, not in
@@ -69,6 +76,7 @@ class Config:
     output_dir: Path = field(default_factory=lambda: _home("Pictures", "diffusiond"))
     state_dir: Path = field(default_factory=_default_state_dir)  # the SQLite queue
     runtime_dir: Path = field(default_factory=default_runtime_dir)  # the ipc sockets
+    lora_dir: Path = field(default_factory=default_lora_dir)  # LoRA files a job names as NAME (docs/models.md)
     max_queued: int = 10_000  # submits beyond this many queued jobs get `queue_full`
     keep_archives: bool = False  # keep a Core ML repo's zip in the HF cache after it is unpacked (twice the disk)
     max_loaded: int = 1  # models kept warm at once; loading another unloads the least recently used

@@ -53,7 +53,7 @@ def test_reads_what_other_tools_write() -> None:
     assert info.params["Lora hashes"] == "a: 1, b: 2"
     settings, unknown = job_settings(info)
     assert settings["scheduler"] == "Euler a" and settings["width"] == 512 and settings["seed"] == 1234
-    assert unknown == ["Model hash", "Lora hashes"]
+    assert unknown == ["Model hash"]  # Lora hashes is a record: the prompt's <lora:…> tags name the LoRAs
 
 
 def test_a_plain_prompt_is_only_a_prompt() -> None:

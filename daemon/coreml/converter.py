@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConversionFailed, EngineError
+from ..models import lora
 from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, SECOND_TOKENIZER, describe
+from ..models.family import SD, SDXL, SDXL_REFINER
+from ..models.lora import LoraFile
 
 ATTENTIONS = ("original", "split_einsum")
 # Apple's torch2coreml.py --quantize-nbits palettizes the text encoders and the Unets only, the
@@ -89,10 +92,12 @@ def convert(
     progress: Progress = print,
     parts: tuple[str, ...] = PARTS,
     refiner: str | None = None,
+    loras: Sequence[tuple[LoraFile, float]] = (),
 ) -> Path:
     """Convert the networks the runtime runs (``parts``: some of them, as Apple's converter allows);
     ``size`` is (width, height), default the model's own; ``refiner``: an SDXL refiner whose Unet goes
-    beside an SDXL base's as UnetRefiner (torch2coreml.py --refiner-version)."""
+    beside an SDXL base's as UnetRefiner (torch2coreml.py --refiner-version); ``loras``: merged into
+    the source's weights first (Core ML cannot change weights at run time), recorded in diffusiond.json."""
     from . import split_einsum
 
     if attention not in ATTENTIONS:
@@ -104,6 +109,12 @@ def convert(
     loaded = _load(source, progress)
     xl = loaded["text_encoder_2"] is not None
     unet, vae = loaded["unet"], loaded["vae"]
+    if loras:
+        family = SDXL_REFINER if xl and loaded["text_encoder"] is None else SDXL if xl else SD
+        lora.check_family(tuple(lora.LoraUse(file, weight, False) for file, weight in loras), family, source)
+        progress("merging " + ", ".join(f"{file.name} ({file.hash}) at {weight:g}" for file, weight in loras) + " …")
+        encoders = [e for e in (loaded["text_encoder"], loaded["text_encoder_2"]) if e is not None]
+        lora.merge(unet, encoders, xl, loras)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     width, height = size or (unet.config.sample_size * factor,) * 2
     if width % factor or height % factor:
@@ -178,6 +189,8 @@ def convert(
     }
     if xl:  # what the pipeline's config says of SDXL's conditioning (model_index.json)
         facts["force_zeros_for_empty_prompt"] = bool(loaded["index"].get("force_zeros_for_empty_prompt", True))
+    if loras:  # what a job's LoRAs are matched against (CoreMLFolder.merged_loras)
+        facts["loras"] = [{"name": file.name, "hash": file.hash, "weight": float(weight)} for file, weight in loras]
     if refined is not None:  # the refiner's own, for the refiner beside the base (CoreMLFolder.refiner_model)
         facts["refiner"] = {"source": refiner, "scheduler_config": refined["scheduler_config"],
                             "force_zeros_for_empty_prompt": bool(refined["index"].get("force_zeros_for_empty_prompt", False))}

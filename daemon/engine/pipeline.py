@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, overload
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING, overload
 import numpy as np
 from PIL import Image
 
-from ..config import MIN_SIZE, Limits
+from ..config import MIN_SIZE, Limits, default_lora_dir
 from ..errors import Cancelled, InvalidParameter
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from ..models.family import SD, SDXL, SDXL_REFINER, TITLES, pad_tokens
+from ..models.lora import LoraFile, LoraUse, check_family, job_loras, strip_tags
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
 from .runtimes import Conditioning, Runtime, StepCallback
@@ -60,6 +62,7 @@ class Request:
     safety_checker: bool = True
     refiner: str | None = None  # an SDXL refiner model's name: base + refiner in one job
     refiner_switch: float = 0.8  # the share of the schedule the base runs (diffusers' denoising_end)
+    loras: tuple[tuple[str, float], ...] = ()  # (name, weight) each; the prompt's <lora:name:weight> tags add to them
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,12 @@ class Resolved:
     safety_checker: bool
     refiner: str | None
     refiner_switch: float
+    loras: tuple[LoraUse, ...]  # the prompt's tags, then the list's
+
+    @property
+    def text(self) -> str:
+        """The prompt the text encoder reads: without its LoRA tags."""
+        return strip_tags(self.prompt)
 
 
 @dataclass
@@ -110,18 +119,25 @@ Model = ModelFolder | CoreMLFolder
 
 
 @overload
-def resolve(request: Request, model: Model, limits: Limits = ..., refiner: Model | None = ...) -> Resolved: ...
+def resolve(request: Request, model: Model, limits: Limits = ..., refiner: Model | None = ...,
+            lora_dir: Path | None = ..., downloads_pending: bool = ...) -> Resolved: ...
 @overload
-def resolve(request: Request, model: None, limits: Limits = ..., refiner: Model | None = ...) -> Request: ...
+def resolve(request: Request, model: None, limits: Limits = ..., refiner: Model | None = ...,
+            lora_dir: Path | None = ..., downloads_pending: bool = ...) -> Request: ...
 @overload
-def resolve(request: Request, model: Model | None, limits: Limits = ..., refiner: Model | None = ...) -> Request | Resolved: ...
-def resolve(request: Request, model: Model | None, limits: Limits = Limits(), refiner: Model | None = None) -> Request | Resolved:
+def resolve(request: Request, model: Model | None, limits: Limits = ..., refiner: Model | None = ...,
+            lora_dir: Path | None = ..., downloads_pending: bool = ...) -> Request | Resolved: ...
+def resolve(request: Request, model: Model | None, limits: Limits = Limits(), refiner: Model | None = None,
+            lora_dir: Path | None = None, downloads_pending: bool = False) -> Request | Resolved:
     """Validate a request and fill in its defaults; raises InvalidParameter saying what is allowed.
 
     Without the model (a Hub model not downloaded yet) what depends on it — the default size, the
     VAE's factor, the scheduler's view of the step count — waits for the run, which resolves again:
     the answer is then still a Request, with its seed drawn so that the job records it. So does
     what depends on the refiner model (``refiner``, the one ``request.refiner`` names) without it.
+    LoRA names are looked up in ``lora_dir`` (default: the config's default), their files read and
+    checked either way; their family against the model's once it is there. ``downloads_pending``
+    (at submit): a Hub LoRA not downloaded yet waits for the run too.
     """
     r = request
     _check(isinstance(r.prompt, str), "prompt", f"must be text, got {type(r.prompt).__name__}")
@@ -141,6 +157,10 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
            "must be the name of an SDXL refiner model, or left out")
     _check(_is_number(r.refiner_switch) and 0 < r.refiner_switch < 1, "refiner_switch",
            f"must be a number above 0 and below 1 (the share of the steps the base runs; 0.8 is usual), got {r.refiner_switch!r}")
+    _check(isinstance(r.loras, (tuple, list)) and all(isinstance(x, (tuple, list)) and len(x) == 2 for x in r.loras),
+           "loras", "must be a list of {name, weight}")
+    loras = job_loras(r.prompt, tuple((name, weight) for name, weight in r.loras), lora_dir or default_lora_dir(),
+                      downloads_pending)
     seed = secrets.randbelow(MAX_SEED + 1) if r.seed is None else r.seed
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     factor = model.vae_scale_factor if model else 8
@@ -164,6 +184,9 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
                    f"must be a multiple of 8 from {MIN_SIZE} to {limits.size}, got {value!r}")
         return replace(r, seed=seed, width=width, height=height)
     _check_family(r, model, refiner)
+    if loras and isinstance(model, CoreMLFolder):
+        _check_core_ml_loras(loras, model)
+    check_family(loras, model.family, model.name)
     width = model.default_shape[0] if width is None else width
     height = model.default_shape[1] if height is None else height
     if model.fixed_size:
@@ -185,7 +208,7 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
                f"at {r.refiner_switch} of {r.steps} steps the base runs {base_steps} and the refiner {refiner_steps}; "
                "each needs at least one: raise steps or move refiner_switch")
     return Resolved(r.prompt, r.negative_prompt, r.steps, r.guidance_scale, width, height, r.count, seed, r.scheduler,
-                    r.rng, r.init_image, r.strength, r.safety_checker, r.refiner, r.refiner_switch)
+                    r.rng, r.init_image, r.strength, r.safety_checker, r.refiner, r.refiner_switch, loras)
 
 
 def _check_family(r: Request, model: Model, refiner: Model | None) -> None:
@@ -204,6 +227,28 @@ def _check_family(r: Request, model: Model, refiner: Model | None) -> None:
     _check(model.family != SDXL_REFINER or r.init_image is not None, "init_image",
            f"{model.name} is an {title}, which refines an image: give init_image (img2img), or give an "
            f"{TITLES[SDXL]} base as model and {model.name} as its refiner")
+
+
+def lora_key(loras: tuple[tuple[LoraFile, float], ...] | tuple[LoraUse, ...]) -> tuple[tuple[str, float], ...]:
+    """What a set of LoRAs is compared by: each file's hash and weight."""
+    return tuple((u.file.hash, u.weight) if isinstance(u, LoraUse) else (u[0].hash, float(u[1])) for u in loras)
+
+
+def _check_core_ml_loras(loras: tuple[LoraUse, ...], model: CoreMLFolder) -> None:
+    """Core ML cannot change weights at run time: a LoRA is merged into the diffusers-format source
+    and converted (the daemon does it once per set and caches it). A model converted with exactly
+    these LoRAs runs as it is; one whose source is not known cannot take any."""
+    if lora_key(loras) == model.merged_loras or model.source is not None:
+        return
+    from ..models import catalog
+
+    base = catalog.diffusers_variant(model.name)
+    get = (f"`diffuse models pull {base.alias}` ({base.repo})" if base else
+           "the diffusers-format model it was converted from (a Hub repo or a folder)")
+    raise InvalidParameter("loras", f"{model.name} exists here only as Core ML, which cannot take a LoRA at run time: "
+                           f"a LoRA is merged into the diffusers-format base, then converted. Get {get}, then "
+                           "`diffusiond convert BASE --lora FILE:WEIGHT --out DIR` and use DIR as the model, or "
+                           "run the job on the diffusers-format base (torch runtime)")
 
 
 def _img2img_begin(steps: int, strength: float) -> int:
@@ -244,10 +289,14 @@ def _scheduler_refusal(scheduler: str, steps: int, model: Model) -> tuple[str, s
 
 
 class Pipeline:
-    def __init__(self, model: ModelFolder | CoreMLFolder, runtime: Runtime, limits: Limits = Limits()) -> None:
+    def __init__(self, model: ModelFolder | CoreMLFolder, runtime: Runtime, limits: Limits = Limits(),
+                 lora_dir: Path | None = None) -> None:
         self.model = model
         self.runtime = runtime
         self.limits = limits
+        self.lora_dir = lora_dir
+        # (hash, weight) of the LoRAs in the runtime's weights now: a Core ML model's, merged when it was converted.
+        self.loras = model.merged_loras if isinstance(model, CoreMLFolder) else ()
         pads = pad_tokens(model.family, len(model.tokenizer_dirs))
         self.tokenizers = [Tokenizer(folder, pad) for folder, pad in zip(model.tokenizer_dirs, pads)]
         self.feature_extractor: CLIPImageProcessor | None = None
@@ -267,10 +316,11 @@ class Pipeline:
     ) -> Result:
         """Make the request's images; ``cancelled`` is asked before every UNet call and the VAE decode.
         ``refiner``: the warm pipeline of the refiner model ``request.refiner`` names."""
-        r = resolve(request, self.model, self.limits, None if refiner is None else refiner.model)
+        r = resolve(request, self.model, self.limits, None if refiner is None else refiner.model, self.lora_dir)
         if (r.refiner is None) != (refiner is None):
             raise ValueError("a request names a refiner exactly when its pipeline is given")
         started = time.perf_counter()
+        self._apply_loras(tuple((use.file, use.weight) for use in r.loras))
         scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
         scheduler.set_timesteps(r.steps)
         noise = noise_source(r.rng, r.seed)
@@ -327,7 +377,19 @@ class Pipeline:
             pixels[np.asarray(flagged)] = 0
         images = [np.round(image * 255).astype(np.uint8) for image in pixels]
         timings["total"] = time.perf_counter() - started
-        return Result(images, r, flagged, self.tokenizers[0].encode(r.prompt).dropped, timings)
+        return Result(images, r, flagged, self.tokenizers[0].encode(r.text).dropped, timings)
+
+    def _apply_loras(self, loras: tuple[tuple[LoraFile, float], ...]) -> None:
+        """The job's LoRAs on the model (the refiner's stays as it is): the same set as the last job's is
+        kept applied; another set, or none, replaces it. After a failure nothing is applied."""
+        if lora_key(loras) == self.loras:
+            return
+        try:
+            self.runtime.set_loras(loras)
+        except BaseException:
+            self.loras = ()
+            raise
+        self.loras = lora_key(loras)
 
     def _conditioning(self, r: Resolved, guided: bool) -> Conditioning:
         """The UNet's conditioning, rows [negative, prompt] (or [prompt] unguided), each once per image.
@@ -337,7 +399,7 @@ class Pipeline:
         (add_time_ids): original size, crop (0, 0), target size, all the request's size; the
         refiner's: original size, crop, aesthetic score (6, the negative 2.5)."""
         zeros = guided and r.negative_prompt == "" and self.model.force_zeros_for_empty_prompt
-        texts = [r.negative_prompt, r.prompt] if guided and not zeros else [r.prompt]
+        texts = [r.negative_prompt, r.text] if guided and not zeros else [r.text]
         encoding = self.runtime.encode_text([np.stack([t.encode(text).ids for text in texts]) for t in self.tokenizers])
         hidden, pooled = encoding.hidden, encoding.pooled
         if zeros:

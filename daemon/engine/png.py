@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from diffusiond.clients.infotext import Infotext, format_infotext
 
+from ..models.lora import tag
 from ..outputs import numbered
 from . import schedulers
 from .pipeline import Resolved, Result
@@ -37,6 +38,10 @@ def infotext(request: Resolved, model: str, index: int = 0, flagged: bool = Fals
         # AUTOMATIC1111's keys (modules/processing_scripts/refiner.py reads them back).
         params["Refiner"] = request.refiner
         params["Refiner switch at"] = request.refiner_switch
+    if request.loras:
+        # A1111's: the alias without ":" and "," (extensions-builtin/Lora/extra_networks_lora.py).
+        params["Lora hashes"] = ", ".join(f"{u.file.name.replace(':', '').replace(',', '')}: {u.file.hash}"
+                                          for u in request.loras)
     if request.count > 1:
         # All images of a job come from one generator: image i needs the batch to reproduce.
         params["Batch size"] = request.count
@@ -46,7 +51,9 @@ def infotext(request: Resolved, model: str, index: int = 0, flagged: bool = Fals
     if flagged:
         params["NSFW"] = "blacked out by the safety checker"
     params["Version"] = VERSION
-    return format_infotext(Infotext(request.prompt, request.negative_prompt, params))
+    # The job's list as tags after the prompt's own, so that the prompt alone brings every LoRA back.
+    prompt = " ".join([request.prompt, *(tag(u.file.name, u.weight) for u in request.loras if not u.in_prompt)])
+    return format_infotext(Infotext(prompt, request.negative_prompt, params))
 
 
 def encode_png(image: np.ndarray, parameters: str) -> bytes:

@@ -63,6 +63,13 @@ def is_palettized(name: str) -> bool:
     return bool(entry and entry.variant.endswith("palettized"))
 
 
+def diffusers_variant(name: str) -> Entry | None:
+    """A Core ML entry's diffusers-format original, by alias (`sd15-coreml-6bit` → `sd15`): what a LoRA needs."""
+    entry = lookup(name)
+    original = lookup(entry.alias.split("-coreml")[0]) if entry and entry.runtime == "coreml" else None
+    return original if original and original.runtime == "torch" else None
+
+
 def float16_variant(name: str) -> Entry | None:
     """The same model's float16 Core ML entry: what a Mac below macOS 14 runs instead of a palettized one."""
     entry = lookup(name)

@@ -330,6 +330,18 @@ class CoreMLFolder:
         return {**defaults, **facts}
 
     @property
+    def merged_loras(self) -> tuple[tuple[str, float], ...]:
+        """(hash, weight) of each LoRA `diffusiond convert --lora` merged into these weights."""
+        return tuple((str(entry["hash"]), float(entry["weight"])) for entry in self.facts.get("loras", []))
+
+    @property
+    def source(self) -> str | None:
+        """The diffusers-format model diffusiond converted this one from (a Hub id or a folder); None
+        for Core ML models converted elsewhere (Apple's)."""
+        source = self.facts.get("source")
+        return source if isinstance(source, str) else None
+
+    @property
     def _sample(self) -> Port:
         return self._unet.input("sample")
 

@@ -212,6 +212,47 @@ def pull(
         raise DownloadFailed(f"downloading {name} failed: {exc}; run it again: files that arrived whole are kept") from None
 
 
+def cached_file(repo: str, file: str) -> Path | None:
+    """One file of a Hub repo (a LoRA) in the Hugging Face cache, at the revision it was fetched at; None when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, file)
+    return Path(found) if isinstance(found, str) else None
+
+
+def pull_file(name: str, repo: str, file: str, report: Callable[[dict[str, Any]], None],
+              cancelled: Callable[[], bool] = lambda: False) -> Path:
+    """Download one file of a Hub repo (a LoRA) into the Hugging Face cache, reporting as `pull` does under ``name``."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFound(f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; fetch it while online")
+    try:
+        try:
+            info = HfApi().model_info(repo, files_metadata=True)
+        except Exception as exc:
+            if not _network_error(exc):
+                raise
+            raise ModelNotFound(f"{name} is not in the Hugging Face cache and the Hub cannot be reached "
+                                f"({type(exc).__name__}); download it into the LoRA folder instead") from None
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        if file not in sizes:
+            raise ModelNotFound(f"{repo} on the Hub has no file {file!r}")
+        _require_disk(name, sizes[file], Path(constants.HF_HUB_CACHE))
+        meter = _Meter(name, sizes[file], report, cancelled)
+        meter.file = file
+        path = Path(hf_hub_download(repo, file, tqdm_class=meter.tqdm_class()))
+        meter.report({"model": name, "file": "", "bytes": meter.total, "total": meter.total, "rate": 0.0})
+        return path
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"no repo {repo!r} on the Hub (or it is private: set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise ModelNotFound(f"{repo} on the Hub has no file {file!r}") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise DownloadFailed(f"downloading {name} failed: {exc}; run it again: files that arrived whole are kept") from None
+
+
 def _require_disk(name: str, needed: int, folder: Path, detail: str = "") -> None:
     free = shutil.disk_usage(_existing_parent(folder)).free
     if needed > free:

@@ -43,7 +43,7 @@ from ..coreml.hardware import this_machine
 from ..engine import schedulers
 from ..engine.pipeline import Request, resolve
 from ..errors import EngineError, ModelNotDownloaded
-from ..models import catalog, store
+from ..models import catalog, lora, store
 from ..models.catalog import ALIASES
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
@@ -70,7 +70,7 @@ CANCEL_PENDING = ("job {job} stops before its next model call (each denoising st
 _JOB_TYPES: dict[str, type | tuple[type, ...]] = {
     "prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": (int, float), "width": int, "height": int,
     "count": int, "seed": int, "scheduler": str, "rng": str, "strength": (int, float), "safety_checker": bool,
-    "refiner": str, "refiner_switch": (int, float),
+    "refiner": str, "refiner_switch": (int, float), "loras": list,
 }
 _JOB_FIELDS = set(_JOB_TYPES)
 _TYPE_NAMES: dict[Any, str] = {
@@ -93,6 +93,22 @@ def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], de
         names = _TYPE_NAMES.get(kind) or " or ".join(_TYPE_NAMES[k] for k in kind)  # type: ignore[union-attr]
         raise ProtocolError(Code.BAD_MESSAGE, f"{name}: must be {names}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}")
     return value
+
+
+def _loras(value: list[Any], remote: bool) -> tuple[tuple[str, float], ...]:
+    """The `loras` field: a list of {name, weight} maps (weight 1 when left out). From another
+    machine only names in the LoRA folder: a path means a file on this one."""
+    pairs = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
+            raise ProtocolError(Code.INVALID_PARAMETER, "loras: each a map {name: string, weight: number}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ProtocolError(Code.INVALID_PARAMETER, f"loras: {item['name']}: weight must be a number")
+        pairs.append((item["name"], float(weight)))
+    if remote and any(name.startswith(("/", "~", ".")) for name, _ in pairs):
+        raise ProtocolError(Code.INVALID_PARAMETER, "loras: from another machine, names in the daemon's LoRA folder")
+    return tuple(pairs)
 
 
 def _required(message: dict[str, Any], name: str, kind: type) -> Any:
@@ -386,11 +402,18 @@ class Server:
                 fields["scheduler"] = schedulers.from_sampler_name(fields["scheduler"])
             except ValueError:
                 pass  # resolve() names the choices
+        if "loras" in fields:
+            fields["loras"] = _loras(fields["loras"], self.remote_request)
+        if self.remote_request and any(name.startswith(("/", "~", ".")) for name, _ in lora.prompt_tags(fields["prompt"])):
+            raise ProtocolError(Code.INVALID_PARAMETER, "prompt: from another machine, <lora:NAME> names a LoRA in the "
+                                "daemon's LoRA folder, not a path")
         image_bytes = _field(message, "init_image", bytes)
         refiner = self._model(refiner_name) if refiner_name else None
         request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits,
-                          refiner)
+                          refiner, self.config.lora_dir, downloads_pending=True)
         params = {name: getattr(request, name) for name in _JOB_FIELDS}
+        # The job's list as given (the prompt's tags stay in the prompt), in the wire's form.
+        params["loras"] = [{"name": name, "weight": weight} for name, weight in fields.get("loras", ())]
         job, created = self.batch_jobs.submit(params, model_name, output_dir, priority, key, image_bytes,
                                               self.config.max_queued, output_name)
         return {"job": job.to_wire(), "created": created}
@@ -490,7 +513,8 @@ class Server:
                            "loaded": entry.alias in loaded or entry.repo in loaded})
         for name, local in cached.items():
             models.append({**local, "source": "hub", "downloaded": True, "loaded": name in loaded})
-        return {"models": models, "loaded": loaded}
+        return {"models": models, "loaded": loaded, "loras": lora.listing(self.config.lora_dir),
+                "lora_dir": str(self.config.lora_dir)}
 
     def _op_pull(self, message: dict[str, Any]) -> dict[str, Any]:
         name = parse(_required(message, "model", str)).canonical

@@ -17,8 +17,9 @@ from diffusiond.clients.protocol import Event, model_topic
 from ..config import Config
 from ..engine.pipeline import Pipeline, Request, Result
 from ..engine.runtimes import StepCallback
-from ..errors import ModelNotDownloaded
-from ..models import catalog, store
+from ..errors import Cancelled, ModelNotDownloaded
+from ..models.coreml_folder import CoreMLFolder
+from ..models import catalog, lora, store
 from ..models.diffusers_folder import ModelFolder
 from ..models.ref import parse
 
@@ -54,12 +55,49 @@ class WarmModels:
         """Run a job on its model, and on its refiner (request.refiner) after it: both stay warm
         together, the pair may hold one model more than max_loaded while it runs."""
         pipeline = self.get(model, cancelled)
+        self.pull_loras(request, cancelled)
+        if isinstance(pipeline.model, CoreMLFolder):
+            pipeline = self.with_merged_loras(pipeline, request, cancelled)
         refiner = None if request.refiner is None else self.get(request.refiner, cancelled, keep=model)
         result = pipeline.generate(request, on_step=on_step, cancelled=cancelled, refiner=refiner)
         for name in (model, request.refiner):
             if name is not None:
                 self.touch(name)
         return result
+
+    def pull_loras(self, request: Request, cancelled: Callable[[], bool]) -> None:
+        """Download the job's Hub LoRAs (ORG/REPO/FILE.safetensors) not in the cache yet, with the
+        model download events on `model.NAME`."""
+        for name in lora.job_names(request.prompt, request.loras):
+            try:
+                lora.find(name, self.config.lora_dir)
+            except lora.LoraNotDownloaded as missing:
+                topic = model_topic(name)
+                self.emit(topic, {"type": Event.MODEL_DOWNLOADING, "model": name})
+                path = store.pull_file(name, missing.repo, missing.file,
+                                       lambda progress: self.emit(topic, {"type": Event.MODEL_DOWNLOAD, **progress}), cancelled)
+                self.emit(topic, {"type": Event.MODEL_DOWNLOADED, "model": name, "path": str(path)})
+
+    def with_merged_loras(self, pipeline: Pipeline, request: Request, cancelled: Callable[[], bool]) -> Pipeline:
+        """A Core ML model's pipeline for a job's LoRAs: itself when it has none (or these merged in), else
+        the model converted with them merged (coreml/merged_models.py: once per set, cached), with
+        `model.converting` events on the base's topic while it converts."""
+        from ..coreml.merged_models import merged_model
+        from ..engine.pipeline import lora_key
+
+        base = pipeline.model
+        assert isinstance(base, CoreMLFolder)
+        uses = lora.job_loras(request.prompt, request.loras, self.config.lora_dir)
+        if not uses or lora_key(uses) == base.merged_loras:
+            return pipeline
+        topic, started = model_topic(base.name), time.monotonic()
+        folder = merged_model(base, uses, self.config.state_dir,
+                              lambda line: self.emit(topic, {"type": Event.MODEL_CONVERTING, "model": base.name, "line": line}))
+        if cancelled():
+            raise Cancelled("cancelled after converting the model with its LoRAs (the conversion is kept)")
+        self.emit(topic, {"type": Event.MODEL_CONVERTED, "model": base.name, "path": str(folder),
+                          "seconds": time.monotonic() - started})
+        return self.get(str(folder), cancelled, keep=base.name)
 
     def touch(self, name: str) -> None:
         self.last_used[name] = time.monotonic()
@@ -103,7 +141,7 @@ class WarmModels:
             self.emit(topic, {"type": Event.MODEL_COMPILING, "model": name})
             seconds = runtime.warm_up(*model.default_shape)
             self.emit(topic, {"type": Event.MODEL_COMPILED, "model": name, "seconds": seconds})
-        self.pipelines[name] = Pipeline(model, runtime, self.config.limits)
+        self.pipelines[name] = Pipeline(model, runtime, self.config.limits, self.config.lora_dir)
         self.last_used[name] = time.monotonic()
         seconds = time.monotonic() - started
         log.info("model %s loaded in %.1fs", name, seconds)

@@ -32,7 +32,10 @@ PREVIEW_INTERVAL = 0.25  # seconds: at most four previews a second per job
 
 
 def job_request(params: dict[str, Any], init_image: bytes | None) -> Request:
-    return Request(**params, init_image=Image.open(io.BytesIO(init_image)) if init_image else None)
+    """A queued job's Request: its LoRAs kept as {name, weight} maps (the wire's form) become pairs."""
+    loras = tuple((lora["name"], lora["weight"]) for lora in params.get("loras", ()))
+    fields = {**params, "loras": loras}
+    return Request(**fields, init_image=Image.open(io.BytesIO(init_image)) if init_image else None)
 
 
 def summary(result: Result) -> dict[str, Any]:

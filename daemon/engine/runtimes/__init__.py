@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ...coreml.hardware import Machine
     from ...models.coreml_folder import CoreMLFolder
     from ...models.diffusers_folder import ModelFolder
+    from ...models.lora import LoraFile
     from ..linear_steps import LinearPlan
 
 
@@ -71,6 +72,10 @@ class Runtime(Protocol):
                 before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         """The whole denoising loop on the device, the scheduler as ``plan``; called only when
         ``device_loop`` is true. ``before_step(k)`` raises to cancel."""
+
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        """Apply these LoRAs at these weights, and no others (none: the base model as loaded); on
+        failure nothing stays applied. Called only when the set changes."""
 
     @property
     def has_warm_up(self) -> bool:

@@ -27,6 +27,7 @@ from ...models.coreml_folder import CoreMLFolder, Description
 from . import Conditioning, TextEncoding
 
 if TYPE_CHECKING:
+    from ...models.lora import LoraFile
     from ..linear_steps import LinearPlan
     from . import BeforeStep, StepCallback
 
@@ -175,6 +176,10 @@ class CoreMLRuntime:
     def denoise(self, latents: np.ndarray, conditioning: Conditioning, plan: LinearPlan, guidance: float | None,
                 before_step: BeforeStep, on_step: StepCallback | None) -> np.ndarray:
         raise NotImplementedError("Core ML has no device loop (device_loop is False): the pipeline runs the steps")
+
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        if loras:  # resolve() refuses a LoRA on a Core ML model before a job gets here
+            raise InvalidParameter("loras", "a Core ML model cannot take a LoRA at run time")
 
     def warm_up(self, width: int, height: int, count: int = 1, steps: int = 25) -> float:
         return 0.0

@@ -5,6 +5,10 @@ UNet and VAE decoder compiled once per shape, and the whole denoising loop on th
 scheduler as a coefficient table traced by the pipeline (daemon/engine/linear_steps.py), guidance in the
 same batch, each step one CUDA graph replay — with no host sync inside the loop.
 
+LoRAs go on and off the warm modules through diffusers' own LoRA loading (PEFT adapters on the
+UNet and text encoders, :meth:`TorchRuntime.set_loras`); the base weights are never touched, so
+taking every adapter off gives the base model back exactly, without a reload.
+
 SDXL folders load their second text encoder (CLIPTextModelWithProjection) beside or, for the
 refiner, instead of the first; the UNet then takes the pooled text projection and the size
 conditioning as `added_cond_kwargs`, as diffusers' StableDiffusionXLPipeline calls it.
@@ -28,11 +32,13 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ...config import TORCH_SETTINGS, check_choice
 from ...errors import ModelInvalid
+from ...models.lora import load_adapter, lora_host
 from ..linear_steps import LinearPlan
 from . import BeforeStep, Conditioning, StepCallback, TextEncoding
 
 if TYPE_CHECKING:
     from ...config import Config
+    from ...models.lora import LoraFile
 
 log = logging.getLogger("diffusiond.torch")
 _Network = TypeVar("_Network")
@@ -172,6 +178,8 @@ class TorchRuntime:
             self._unet = torch.compile(self.unet, fullgraph=True, dynamic=False)
             self._decode = torch.compile(self.vae.decode, fullgraph=True, dynamic=False)
         self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
+        self._lora_host: Any = None
+        self._adapters: list[str] = []  # loaded LoRA adapters, by name
 
     def _in(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)
@@ -241,6 +249,42 @@ class TorchRuntime:
         never waits for the host."""
         loop = self._loop(latents.shape, _shapes(conditioning), plan.steps, guidance is not None)
         return loop.run(latents, conditioning, plan, guidance, before_step, on_step)
+
+    def _lora_pipeline(self) -> Any:
+        if self._lora_host is None:
+            self._lora_host = lora_host(self.unet, self.text_encoders, self.sdxl)
+        return self._lora_host
+
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        """Each LoRA an unfused PEFT adapter named by its hash, weighted by set_adapters; adapters of
+        the last set that this one lacks are deleted, all of them unloaded when it is empty (the
+        modules are then the base's again). Captured loops are dropped: they hold the old modules."""
+        host = self._lora_pipeline()
+        wanted = {f"lora_{file.hash}": (file, float(weight)) for file, weight in loras}
+        self._loops.clear()
+        try:
+            if not wanted:
+                if self._adapters:
+                    host.unload_lora_weights()
+                self._adapters = []
+                return
+            stale = [name for name in self._adapters if name not in wanted]
+            if stale:
+                host.delete_adapters(stale)
+                for encoder in self.text_encoders:  # diffusers leaves a transformers model's config entry
+                    for name in stale:
+                        getattr(encoder, "peft_config", {}).pop(name, None)
+                self._adapters = [name for name in self._adapters if name in wanted]
+            for name, (file, _) in wanted.items():
+                if name not in self._adapters:
+                    load_adapter(host, name, file)
+                    self._adapters.append(name)
+            host.set_adapters(list(wanted), [weight for _, weight in wanted.values()])
+        except BaseException:
+            if self._adapters or wanted:
+                host.unload_lora_weights()
+            self._adapters = []
+            raise
 
     @property
     def has_warm_up(self) -> bool:
