@@ -222,6 +222,7 @@ class HotFolder:
                 for path in dict.fromkeys(ready):
                     if path not in self.pending and path.exists():
                         self.pending[path] = Pending(path)
+                self._subscribe()  # before submitting: a fast job's events must not pass unheard
                 self._advance()
                 self._progress()
         finally:
@@ -229,19 +230,24 @@ class HotFolder:
                 observer.stop()
                 observer.join(timeout=5)
 
+    def _subscribe(self) -> None:
+        """Job events, from when there are files to follow (the subscription is confirmed on return)."""
+        if self.events is not None or self.daemon_down or not self.pending:
+            return
+        try:
+            # No resync: the queue, read by _advance, is this loop's record; events only add lines.
+            self.events = self.client.subscribe([b"job."], timeout=2, resync=False)
+        except DaemonUnreachable:
+            return
+
     def _progress(self, until_done: str | None = None) -> None:
         """A line per step of each file's job, from the daemon's events (the queue stays the record).
 
         With ``until_done``, a job followed so far and now finished: its last step line is due, and
         its events may still be on their way, so wait (a second at most) for its final event."""
+        self._subscribe()
         if self.events is None:
-            if self.daemon_down or not self.pending:
-                return
-            try:
-                # No resync: the queue, read by _advance, is this loop's record; events only add lines.
-                self.events = self.client.subscribe([b"job."], timeout=2, resync=False)
-            except DaemonUnreachable:
-                return
+            return
         files = {item.job_id: item.path.name for item in self.pending.values() if item.job_id}
         now = time.monotonic()
         for event in self.events.until(now + (1.0 if until_done in self.last_line else 0.0)):

@@ -370,10 +370,11 @@ def test_the_page_in_a_browser(server) -> None:
                 "data-state", "cancelled", timeout=60_000)
 
             submit("a quick boat", 4, 64)
-            figure = page.locator("#recent figure[data-state=done]").first
+            # This job's figure (the daemon may hold other tests' images): its img's alt is the prompt.
+            figure = page.locator("#recent figure[data-state=done]:has(img[alt='a quick boat'])")
             expect(figure.locator("img")).to_be_visible(timeout=60_000)
             page.wait_for_function(
-                "() => { const i = document.querySelector('#recent figure[data-state=done] img');"
+                "() => { const i = document.querySelector(\"#recent figure[data-state=done] img[alt='a quick boat']\");"
                 " return i && i.complete && i.naturalWidth === 64; }", timeout=60_000)
             figure.click()  # reuse: its settings back in the form
             expect(page.locator("#prompt")).to_have_value("a quick boat")
