@@ -219,13 +219,18 @@ def hub_file(name: str) -> tuple[str, str] | None:
     return (match["repo"], match["file"]) if match else None
 
 
+def names_a_path(name: str) -> bool:
+    """A LoRA name that is a file's path on this machine (``/…``, ``~…``, ``./…``), not a name in the LoRA folder."""
+    return name.startswith(("/", "~", "."))
+
+
 def find(name: str, folder: Path) -> Path:
     """The file a LoRA name means: a path (``/…``, ``~…``, ``./…``) as given; else NAME.safetensors in
     the LoRA folder (subfolders allowed); else, for ORG/REPO/FILE.safetensors, that Hub file in the
     Hugging Face cache (LoraNotDownloaded when it is not there yet)."""
     from . import store
 
-    if name.startswith(("/", "~", ".")):
+    if names_a_path(name):
         path = Path(name).expanduser()
     else:
         relative = Path(name if name.endswith(SUFFIX) else name + SUFFIX)
@@ -239,7 +244,7 @@ def find(name: str, folder: Path) -> Path:
                 raise LoraNotDownloaded(name, *hub)
             path = cached
     if not path.is_file():
-        where = "" if name.startswith(("/", "~", ".")) else f" in the LoRA folder {folder}"
+        where = "" if names_a_path(name) else f" in the LoRA folder {folder}"
         raise InvalidParameter("loras", f"no LoRA {name!r}{where}; `diffuse loras` lists them, or give the file's path "
                                "(or a Hub file as ORG/REPO/FILE.safetensors)")
     return path

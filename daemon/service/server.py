@@ -106,7 +106,7 @@ def _loras(value: list[Any], remote: bool) -> tuple[tuple[str, float], ...]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ProtocolError(Code.INVALID_PARAMETER, f"loras: {item['name']}: weight must be a number")
         pairs.append((item["name"], float(weight)))
-    if remote and any(name.startswith(("/", "~", ".")) for name, _ in pairs):
+    if remote and any(lora.names_a_path(name) for name, _ in pairs):
         raise ProtocolError(Code.INVALID_PARAMETER, "loras: from another machine, names in the daemon's LoRA folder")
     return tuple(pairs)
 
@@ -404,7 +404,7 @@ class Server:
                 pass  # resolve() names the choices
         if "loras" in fields:
             fields["loras"] = _loras(fields["loras"], self.remote_request)
-        if self.remote_request and any(name.startswith(("/", "~", ".")) for name, _ in lora.prompt_tags(fields["prompt"])):
+        if self.remote_request and any(lora.names_a_path(name) for name, _ in lora.prompt_tags(fields["prompt"])):
             raise ProtocolError(Code.INVALID_PARAMETER, "prompt: from another machine, <lora:NAME> names a LoRA in the "
                                 "daemon's LoRA folder, not a path")
         image_bytes = _field(message, "init_image", bytes)
