@@ -28,7 +28,7 @@ from ..errors import Cancelled, InvalidParameter
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from ..models.family import SD, SDXL, SDXL_REFINER, TITLES, pad_tokens
-from ..models.lora import LoraFile, LoraUse, check_family, job_loras, strip_tags
+from ..models.lora import LoraUse, check_family, job_loras, strip_tags
 from . import linear_steps, schedulers
 from .noise import RNGS, noise_source
 from .runtimes import Conditioning, Runtime, StepCallback
@@ -229,9 +229,9 @@ def _check_family(r: Request, model: Model, refiner: Model | None) -> None:
            f"{TITLES[SDXL]} base as model and {model.name} as its refiner")
 
 
-def lora_key(loras: tuple[tuple[LoraFile, float], ...] | tuple[LoraUse, ...]) -> tuple[tuple[str, float], ...]:
+def lora_key(loras: tuple[LoraUse, ...]) -> tuple[tuple[str, float], ...]:
     """What a set of LoRAs is compared by: each file's hash and weight."""
-    return tuple((u.file.hash, u.weight) if isinstance(u, LoraUse) else (u[0].hash, float(u[1])) for u in loras)
+    return tuple((u.file.hash, float(u.weight)) for u in loras)
 
 
 def _check_core_ml_loras(loras: tuple[LoraUse, ...], model: CoreMLFolder) -> None:
@@ -320,7 +320,7 @@ class Pipeline:
         if (r.refiner is None) != (refiner is None):
             raise ValueError("a request names a refiner exactly when its pipeline is given")
         started = time.perf_counter()
-        self._apply_loras(tuple((use.file, use.weight) for use in r.loras))
+        self._apply_loras(r.loras)
         scheduler = schedulers.create(r.scheduler, self.model.scheduler_config)
         scheduler.set_timesteps(r.steps)
         noise = noise_source(r.rng, r.seed)
@@ -379,13 +379,13 @@ class Pipeline:
         timings["total"] = time.perf_counter() - started
         return Result(images, r, flagged, self.tokenizers[0].encode(r.text).dropped, timings)
 
-    def _apply_loras(self, loras: tuple[tuple[LoraFile, float], ...]) -> None:
+    def _apply_loras(self, loras: tuple[LoraUse, ...]) -> None:
         """The job's LoRAs on the model (the refiner's stays as it is): the same set as the last job's is
         kept applied; another set, or none, replaces it. After a failure nothing is applied."""
         if lora_key(loras) == self.loras:
             return
         try:
-            self.runtime.set_loras(loras)
+            self.runtime.set_loras([(use.file, use.weight) for use in loras])
         except BaseException:
             self.loras = ()
             raise
