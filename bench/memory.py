@@ -42,7 +42,7 @@ if which == "ours":
 else:
     cls = diffusers.StableDiffusionPipeline if model.family == "sd" else diffusers.StableDiffusionXLPipeline
     extra = {"safety_checker": None} if model.family == "sd" else {"add_watermarker": False}
-    pipe = cls.from_pretrained(path, **extra)
+    pipe = cls.from_pretrained(model.path, **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np")
 print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))

@@ -6,7 +6,9 @@
 2. The pipeline's own per-step overhead with a runtime whose model calls return at once, at SD's
    512×512 (latents 2×4×64×64 with guidance) and SDXL's 1024×1024 (2×4×128×128, with the pooled
    text and size ids), against the same loop (guidance, scale, scheduler step) written with
-   diffusers' torch schedulers. Target: ≤ 1 ms per step.
+   diffusers' torch schedulers, both drawing fresh noise from torch's generator. Target: ≤ 1 ms
+   per step. Beside it, one fresh-noise draw from each generator: the default (numpy, Apple's
+   order) costs more per ancestral step at SDXL's size than the loop itself.
 
     python bench/pipeline.py [--repeats 5]
 """
@@ -26,6 +28,7 @@ import torch
 
 from diffusiond.daemon.engine import schedulers
 from diffusiond.daemon.config import Config
+from diffusiond.daemon.engine.noise import RNGS, noise_source
 from diffusiond.daemon.engine.pipeline import Pipeline, Request
 from diffusiond.daemon.engine.runtimes import TextEncoding, open_runtime
 from diffusiond.daemon.models.diffusers_folder import ModelFolder
@@ -143,13 +146,27 @@ def overhead(model: ModelFolder, steps: int, latent: int) -> None:
     print(f"  {'scheduler':<16} {'diffusiond':>10} {'diffusers':>10} {'ratio':>7}")
     for name in schedulers.NAMES:
         n = 8 if name == "lcm" else steps
-        request = Request(PROMPT, steps=n, width=latent * factor, height=latent * factor, seed=1, scheduler=name)
+        # torch's generator, as the baseline draws with: the loop is measured, not the generator.
+        request = Request(PROMPT, steps=n, width=latent * factor, height=latent * factor, seed=1, scheduler=name,
+                          rng="torch")
         pipeline.generate(request)
         per_step = statistics.median(
             pipeline.generate(request).timings["denoise"] / n * 1000 for _ in range(3)
         )
         baseline = diffusers_loop_ms(name, model.scheduler_config, n, latents)
         print(f"  {name:<16} {per_step:8.3f}ms {baseline:8.3f}ms {per_step / baseline:7.3f}   (target ≤ 1 ms)")
+    shape = (1, 4, latent, latent)
+    draws = {rng: statistics.median(timed(noise_source(rng, 1), shape) for _ in range(5)) for rng in RNGS}
+    print(f"  one fresh-noise draw per ancestral/LCM step at {shape}: "
+          + ", ".join(f"rng {rng} {ms:.3f}ms" for rng, ms in draws.items())
+          + " (numpy, the default, is Apple's RandomState order, so Mac seeds reproduce)")
+
+
+def timed(noise: schedulers.Noise, shape: tuple[int, ...]) -> float:
+    start = time.perf_counter()
+    for _ in range(20):
+        noise(shape)
+    return (time.perf_counter() - start) / 20 * 1000
 
 
 def main() -> None:

@@ -8,24 +8,18 @@
 
 The daemon and the HTTP server are subprocesses in a temporary folder; both end with the bench.
 
-    python bench/http.py [--repeats 7] [--steps 20] [--size 128] [--threads 1]
+    python bench/http_api.py [--repeats 7] [--steps 20] [--size 128] [--threads 1]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python bench/http.py`, this file's folder comes first on sys.path, and this file's name
-# would hide the standard library's `http` package from everything imported after it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
+import os
 import base64
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
