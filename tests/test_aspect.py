@@ -219,3 +219,15 @@ def test_diffuse_aspect_makes_the_chosen_size_and_records_it(tiny_sdxl_at_128, t
     finally:
         assert daemon.stop() == 0
         daemon.close()
+
+
+def test_diffusiond_generate_aspect_on_the_tiny_sd_model(tiny, tmp_path) -> None:
+    """SD's rule end to end: the tiny model's native 256² area in 3:2 is 312×208 (both multiples of 8)."""
+    assert tiny.default_shape == (256, 256)
+    out = tmp_path / "image.png"
+    done = subprocess.run([sys.executable, "-m", "diffusiond.daemon.cli", "generate", "a lighthouse", "-m", "tiny",
+                           "--aspect", "3:2", "--steps", "1", "--device", "cpu", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.size == (312, 208) and "Size: 312x208" in image.text["parameters"]
