@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
     gen.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
+    gen.add_argument("--aspect", metavar="W:H", help="a shape such as 16:9 instead of --size: the model's "
+                     "trained size nearest it (SDXL: its aspect buckets)")
     gen.add_argument("--seed", type=int, help="default: random, written into the PNG")
     gen.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{Limits.count}")
@@ -127,7 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise InvalidParameter("init_image", f"{args.init_image} is not an image PIL can read; give a PNG, JPEG or WebP file") from None
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
+        guidance_scale=args.guidance, width=width, height=height, aspect=args.aspect, count=args.count, seed=args.seed,
         scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
         safety_checker=not args.no_safety_checker, refiner=args.refiner, refiner_switch=args.refiner_switch,
         loras=tuple((lora["name"], lora["weight"]) for lora in args.lora),
