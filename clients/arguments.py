@@ -34,11 +34,15 @@ def model_name(text: str) -> str:
 
 def lora_argument(text: str) -> dict[str, object]:
     """argparse type of --lora NAME[:WEIGHT] (weight 1 when left out): a job's `loras` entry. A
-    file named like a path, or existing here, goes to the daemon as its absolute path."""
-    name, _, tail = text.rpartition(":")
+    file named like a path, or existing here, goes to the daemon as its absolute path. A weight
+    that is not a number is refused here, naming it, unless the whole text is a file's name."""
+    name, colon, tail = text.rpartition(":")
     try:
         weight = float(tail)
     except ValueError:
+        if colon and not Path(text).expanduser().is_file():
+            raise argparse.ArgumentTypeError(
+                f"--lora {text!r}: the weight after ':' must be a number, such as {name}:0.8") from None
         name, weight = text, 1.0
     if not name.strip():
         raise argparse.ArgumentTypeError(f"--lora takes NAME or NAME:WEIGHT, got {text!r}")

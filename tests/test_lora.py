@@ -407,6 +407,8 @@ def test_diffuse_applies_a_lora_named_in_the_prompt_through_the_daemon(files, tm
         assert refused.returncode == 2 and "loha.safetensors: a LyCORIS LoHa network" in refused.stderr
         missing = diffuse("a cat", "--lora", "nope")
         assert missing.returncode == 2 and "no LoRA 'nope'" in missing.stderr
+        bad_weight = diffuse("a cat", "--lora", "tiny:strong")
+        assert bad_weight.returncode == 2 and "the weight after ':' must be a number, such as tiny:0.8" in bad_weight.stderr
 
         # The hot folder's --lora goes on every file's job.
         hot = tmp_path / "hot"
