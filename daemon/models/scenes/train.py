@@ -1,6 +1,10 @@
 """Train the `shapes` model on the scene world: the VAE first, then the UNet and text encoder.
 
     python -m diffusiond.daemon.models.scenes.train [--config train.toml] [--out daemon/models/shapes]
+                                                    [--vae FOLDER]
+
+`--vae` takes stage 1's result from an earlier run (a diffusers AutoencoderKL folder, such as the
+shipped model's vae/) and runs stage 2 only: the UNet and text encoder are what changes between tries.
 
 Built from diffusers' and PyTorch's own pieces (AutoencoderKL, UNet2DConditionModel,
 CLIPTextModel, DDPMScheduler.add_noise, EMAModel, get_scheduler, AdamW), fixed seeds, and written
@@ -20,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -31,8 +35,12 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "train.toml"
 OUT = HERE.parent / "shapes"
 TOKENIZER = HERE.parent / "tiny" / "tokenizer"  # the tiny model's cut-down CLIP BPE (tests/build_tiny_model.py)
-# Stable Diffusion 1.5's noise schedule, for training and for the shipped sampler alike.
-SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+# Stable Diffusion 1.5's betas rescaled to zero terminal SNR, predicting v (Lin et al. 2023, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"). On 16 × 16 latents SD's own schedule leaves
+# a flat background readable through the noise at t = 999, so the model learnt to take the background
+# from the noise instead of the caption; at zero SNR the last step holds no image, only the text.
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -109,7 +117,7 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
 
 def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                    device: torch.device) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 2: the UNet and the text encoder together, predicting the noise DDPM added to latents."""
+    """Stage 2: the UNet and the text encoder together, predicting v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022)."""
     settings = config["training"]["unet"]
     torch.manual_seed(config["seed"] + 1)
     rng = np.random.default_rng(config["seed"] + 1)
@@ -134,7 +142,7 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,15 +157,19 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     return unet.eval(), text_encoder.eval()
 
 
-def train(config: dict[str, Any], out: Path, device: torch.device) -> None:
-    """Both stages, then the diffusers folder (written beside `out` and renamed into place)."""
+def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None) -> None:
+    """Both stages (or stage 2 on `vae_folder`'s VAE), then the diffusers folder (written beside
+    `out` and renamed into place)."""
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    vae = train_vae(config, device)
+    if vae_folder is None:
+        vae = train_vae(config, device)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
     unet, text_encoder = train_denoiser(config, vae, tokenizer, device)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        # Stable Diffusion 1.5's sampler configuration, on the schedule the model was trained with.
-        scheduler=PNDMScheduler(**SCHEDULE, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+        # DDIM with trailing timesteps, so sampling starts at t = 999 where training put zero SNR (Lin et al. §3.3).
+        scheduler=DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     staging = out.with_name(out.name + ".building")
@@ -173,10 +185,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--vae", type=Path, help="a trained VAE folder: skip stage 1")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"training on {device} with {torch.get_num_threads()} threads", flush=True)
-    train(load_config(args.config), args.out, device)
+    train(load_config(args.config), args.out, device, args.vae)
 
 
 if __name__ == "__main__":
