@@ -127,6 +127,7 @@ def tiny_training_config() -> dict:
     config["unet"].update(block_out_channels=[8, 16, 16], cross_attention_dim=16, norm_num_groups=4)
     for stage in ("vae", "unet"):
         config["training"][stage].update(steps=2, batch_size=2, warmup_steps=1)
+    config["training"]["unet"]["snapshot_every"] = 1
     return config
 
 
@@ -158,6 +159,27 @@ def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws
     assert image.size == (scene.SIZE, scene.SIZE), "the pipeline's default size is the world's"
     assert pipe.vae.config.scaling_factor != 0.18215, "the scaling factor is measured on the trained VAE"
     assert not trained.with_name("shapes.building").exists()
+    snapshot = trained.with_name("shapes.step-1")
+    snapped = StableDiffusionPipeline.from_pretrained(snapshot, safety_checker=None)
+    assert snapped.unet.config.block_out_channels == pipe.unet.config.block_out_channels, \
+        "a snapshot of stage 2 is a whole folder too"
+    for folder in (trained, snapshot):
+        assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}, \
+            "the engine's tokenizer reads vocab.json and merges.txt"
+
+
+def test_training_weighs_the_shape_by_a_mask_of_its_own_pixels() -> None:
+    """The foreground weight needs the shape's pixels: each mask covers the scene's shape area
+    (scene.AREA, small or large), not the background and not nothing."""
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    _pixels, mask, _captions = train.batch(np.random.default_rng(3), 32, torch.device("cpu"))
+    areas = mask.sum(dim=(1, 2, 3)).tolist()
+    for area in areas:
+        assert any(abs(area - want) < 0.2 * want for want in scene.AREA.values()), areas
+    assert {round(a / 100) for a in areas} >= {1, 3}, "both sizes drawn and masked"
 
 
 def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_them(trained: Path) -> None:

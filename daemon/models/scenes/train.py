@@ -48,15 +48,26 @@ def load_config(path: Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """`size` training scenes as a tensor in [-1, 1] (N, 3, H, W), and one caption each."""
-    images, captions = [], []
+def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`size` training scenes as a tensor in [-1, 1] (N, 3, H, W), each one's shape mask (N, 1, H, W:
+    1 where a pixel is not the background's colour), and one caption each."""
+    images, masks, captions = [], [], []
     for _ in range(size):
         s = scene.random_scene(rng)
-        images.append(np.asarray(scene.render(s)))
+        image = np.asarray(scene.render(s))
+        images.append(image)
+        masks.append(np.abs(image.astype(np.int16) - scene.COLOURS[s.background]).sum(axis=-1) > 24)
         captions.append(scene.caption(s, rng).text)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels.to(device), captions
+    mask = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()
+    return pixels.to(device), mask.to(device), captions
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """MSE with the error under the shape (`cover`, 1 there) counted `foreground_weight` times: the
+    shape is 2–9 % of a scene's pixels, so a plain mean lets the background's error drown it."""
+    weight = 1 + (foreground_weight - 1) * cover
+    return (weight * (prediction - target) ** 2).mean() / weight.mean()
 
 
 def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> None:
@@ -74,7 +85,8 @@ def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> 
 
 
 def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
-    """Stage 1: an AutoencoderKL that reconstructs scenes (MSE plus a small KL term)."""
+    """Stage 1: an AutoencoderKL that reconstructs scenes: MSE weighted towards the shape, plus a
+    small KL term (a plain mean rounded small squares into circles and let L1 lose their colour)."""
     settings = config["training"]["vae"]
     torch.manual_seed(config["seed"])
     rng = np.random.default_rng(config["seed"])
@@ -84,10 +96,11 @@ def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
                              num_training_steps=settings["steps"])
 
     def step(_: int) -> float:
-        pixels, _captions = batch(rng, settings["batch_size"], device)
+        pixels, mask, _captions = batch(rng, settings["batch_size"], device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, pixels) + settings["kl_weight"] * posterior.kl().mean()
+        loss = weighted_mse(reconstruction, pixels, mask, settings["foreground_weight"]) \
+            + settings["kl_weight"] * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,7 +112,7 @@ def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
     vae.eval().requires_grad_(False)
     # Stable Diffusion's convention: latents times scaling_factor have unit variance.
     with torch.no_grad():
-        pixels, _captions = batch(rng, 256, device)
+        pixels, _mask, _captions = batch(rng, 256, device)
         latents = vae.encode(pixels).latent_dist.sample()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae
@@ -115,9 +128,15 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
     ))
 
 
+Snapshot = Callable[[int, UNet2DConditionModel, CLIPTextModel], None]
+
+
 def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                   device: torch.device) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 2: the UNet and the text encoder together, predicting v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022)."""
+                   device: torch.device, snapshot: Snapshot | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: the UNet and the text encoder together, predicting v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022).
+
+    `snapshot` gets the EMA weights every `snapshot_every` steps, so a long CPU run can be judged
+    (evaluate.py) before it ends."""
     settings = config["training"]["unet"]
     torch.manual_seed(config["seed"] + 1)
     rng = np.random.default_rng(config["seed"] + 1)
@@ -131,8 +150,8 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     ema = EMAModel(parameters, decay=settings["ema_decay"])
     scaling = vae.config.scaling_factor
 
-    def step(_: int) -> float:
-        pixels, captions = batch(rng, settings["batch_size"], device)
+    def step(i: int) -> float:
+        pixels, mask, captions = batch(rng, settings["batch_size"], device)
         captions = ["" if rng.random() < settings["caption_dropout"] else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * scaling
@@ -142,12 +161,20 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(latents, noise, timesteps))
+        # Latents under the shape: its mask max-pooled to the latent grid.
+        cover = F.max_pool2d(mask, pixels.shape[-1] // latents.shape[-1])
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = weighted_mse(prediction, target, cover, settings["foreground_weight"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         ema.step(parameters)
+        if snapshot is not None and i % settings["snapshot_every"] == 0 and i < settings["steps"]:
+            ema.store(parameters)
+            ema.copy_to(parameters)
+            snapshot(i, unet, text_encoder)
+            ema.restore(parameters)
         return loss.item()
 
     unet.train()
@@ -157,15 +184,9 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     return unet.eval(), text_encoder.eval()
 
 
-def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None) -> None:
-    """Both stages (or stage 2 on `vae_folder`'s VAE), then the diffusers folder (written beside
-    `out` and renamed into place)."""
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    if vae_folder is None:
-        vae = train_vae(config, device)
-    else:
-        vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
-    unet, text_encoder = train_denoiser(config, vae, tokenizer, device)
+def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+          out: Path) -> None:
+    """The diffusers folder, written beside `out` and renamed into place."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         # DDIM with trailing timesteps, so sampling starts at t = 999 where training put zero SNR (Lin et al. §3.3).
@@ -174,11 +195,30 @@ def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: P
     )
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
-    pipe.to("cpu").save_pretrained(staging, safe_serialization=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    # transformers 5 saves tokenizer.json alone; our engine's tokenizer and Apple's Swift one read these two.
+    shutil.copy(TOKENIZER / "vocab.json", staging / "tokenizer")
+    shutil.copy(TOKENIZER / "merges.txt", staging / "tokenizer")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out} ({size / 1e6:.2f} MB)")
+    print(f"wrote {out} ({size / 1e6:.2f} MB)", flush=True)
+
+
+def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None) -> None:
+    """Both stages (or stage 2 on `vae_folder`'s VAE), then the folder; a snapshot folder
+    `OUT.step-N` beside it every `snapshot_every` steps of stage 2."""
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    if vae_folder is None:
+        vae = train_vae(config, device)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
+
+    def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+        write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"))
+
+    unet, text_encoder = train_denoiser(config, vae, tokenizer, device, snapshot)
+    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out)
 
 
 def main() -> None:
