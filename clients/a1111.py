@@ -7,7 +7,10 @@ modules/api/models.py (field names, defaults, response shapes), modules/api/api.
 the error shape of `api_middleware`, `validate_sampler_name`), modules/sd_samplers_kdiffusion.py and
 sd_samplers_timesteps.py (sampler names and aliases), modules/sd_schedulers.py (scheduler names),
 modules/processing.py (`Processed.js`, the `info` JSON), modules/infotext_utils.py
-(`parse_generation_parameters`, png-info's `parameters`), modules/shared_state.py (`State.dict`).
+(`parse_generation_parameters`, png-info's `parameters`), modules/shared_state.py (`State.dict`),
+extensions-builtin/Lora/scripts/lora_script.py (`create_lora_json`, the /loras items) and
+extensions-builtin/Lora/network.py (`NetworkOnDisk`), modules/sd_models.py
+(`read_metadata_from_safetensors`).
 """
 
 from __future__ import annotations
@@ -143,6 +146,41 @@ def job_fields(request: dict[str, Any], checkpoint: str | None) -> dict[str, Any
     return fields
 
 
+LORA_SUFFIX = ".safetensors"  # a name in the daemon's LoRA folder is its file's path there without it
+
+
+def _metadata_value(value: str) -> Any:
+    """A safetensors metadata value as A1111 shows it: text that starts with '{' parsed as JSON where it is."""
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def lora_list(loras: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """/sdapi/v1/loras: create_lora_json's {name, alias, path, metadata} for each LoRA in the daemon's
+    listing (its `models` reply) that a job can apply; one it refuses is left out (a tool would offer it,
+    and every job naming it would fail). ``name`` and ``alias`` are both the name a ``<lora:NAME:W>``
+    tag takes here: the daemon resolves names, not A1111's ss_output_name aliases. ``path`` is the
+    file's path inside the daemon's LoRA folder, never the folder itself: nothing a request could
+    use to name a file elsewhere."""
+    return [{"name": entry["name"], "alias": entry["name"], "path": entry["name"] + LORA_SUFFIX,
+             "metadata": {key: _metadata_value(value) for key, value in (entry.get("metadata") or {}).items()}}
+            for entry in loras if "error" not in entry]
+
+
+def _extra_parameters(scheduler: str, infotexts: list[str]) -> dict[str, Any]:
+    """Processed.js's extra_generation_params: the schedule when it is not the sampler's own, and the
+    LoRAs' `Lora hashes` as the image's infotext records them (A1111's Lora extension adds that key)."""
+    extra: dict[str, Any] = {"Schedule type": scheduler} if scheduler != "Automatic" else {}
+    hashes = parse_infotext(infotexts[0]).params.get("Lora hashes") if infotexts else None
+    if hashes:
+        extra["Lora hashes"] = hashes
+    return extra
+
+
 def info_json(job: dict[str, Any], infotexts: list[str], img2img: bool) -> str:
     """A1111's `info`: Processed.js(), a JSON string, for a finished job (``infotexts``: its images' own)."""
     params, result = job["params"], job.get("result") or {}
@@ -176,7 +214,7 @@ def info_json(job: dict[str, Any], infotexts: list[str], img2img: bool) -> str:
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": params.get("strength") if img2img else None,
-        "extra_generation_params": {"Schedule type": scheduler} if scheduler != "Automatic" else {},
+        "extra_generation_params": _extra_parameters(scheduler, infotexts),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],

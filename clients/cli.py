@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8")
+    submit.add_argument("--aspect", metavar="W:H", help="a shape such as 16:9 instead of --size: the model's "
+                        "trained size nearest it (SDXL: its aspect buckets)")
     submit.add_argument("--scheduler", help="a scheduler (`diffusiond generate --help` lists the daemon's) or a sampler "
                         "name such as 'DPM++ 2M Karras'; an unknown one is refused with the list")
     submit.add_argument("-m", "--model", help="a diffusers-format folder or an alias (default: the daemon's)")
@@ -172,6 +174,10 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["refiner"] = model_name(args.refiner)
     if args.lora:
         fields["loras"] = args.lora
+    if args.aspect is not None:  # a reused image's size gives way to it
+        fields.pop("width", None)
+        fields.pop("height", None)
+        fields["aspect"] = args.aspect
     if args.size:
         fields["width"], fields["height"] = args.size
     if args.no_safety_checker:

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -138,6 +139,15 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class LoraItem(BaseModel):
+    """The Lora extension's create_lora_json (extensions-builtin/Lora/scripts/lora_script.py)."""
+
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
 class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
@@ -181,13 +191,27 @@ def decode_base64(text: str, what: str) -> bytes:
         raise HTTPException(422, f"{what}: not base64 (a data: URL or plain base64 of the image's bytes)") from None
 
 
+_PATH_PREFIXES = ("/", "~", ".")
+_LORA_TAG_NAME = re.compile(r"<lora:([^:>]*)")  # the name in A1111's <lora:NAME> / <lora:NAME:WEIGHT>
+
+
 def refuse_paths(fields: dict[str, Any]) -> None:
-    """A model or refiner named by a path would have the daemon read a folder the request names: over
-    HTTP only aliases, catalog names and Hub ids (as the daemon takes from another machine)."""
+    """A model, refiner or LoRA named by a path would have the daemon read a file the request names:
+    over HTTP a model is an alias, catalog name or Hub id, a LoRA a name in the daemon's LoRA folder
+    or a Hub file (as the daemon takes them from another machine)."""
     for name in ("model", "refiner"):
         value = fields.get(name)
-        if isinstance(value, str) and value.startswith(("/", "~", ".")):
+        if isinstance(value, str) and value.startswith(_PATH_PREFIXES):
             raise HTTPException(422, f"{name}: {value!r} is a path; over HTTP name a model (an alias, catalog name or Hub id)")
+    prompt = fields.get("prompt")
+    named = [("prompt", tag.strip()) for tag in _LORA_TAG_NAME.findall(prompt if isinstance(prompt, str) else "")]
+    loras = fields.get("loras")
+    named += [("loras", str(item.get("name", "")).strip()) for item in (loras if isinstance(loras, list) else [])
+              if isinstance(item, dict)]
+    for field, lora in named:
+        if lora.startswith(_PATH_PREFIXES):
+            raise HTTPException(422, f"{field}: LoRA {lora!r} is a path; over HTTP name a LoRA in the daemon's LoRA "
+                                     "folder (GET /sdapi/v1/loras lists them) or a Hub file ORG/REPO/FILE.safetensors")
 
 
 def ended(job: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
@@ -351,6 +375,17 @@ def create_app(runtime_dir: Path | None = None, guard: Guard | None = None, time
     async def refresh_checkpoints() -> None:
         """The daemon lists what is on disk at every call: asking it is the refresh."""
         await local_models()
+
+    @app.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["A1111"])
+    async def loras() -> list[dict[str, Any]]:
+        """The LoRAs in the daemon's LoRA folder that a job can apply (docs/http.md: what `path` holds)."""
+        listing = await daemon.run(lambda c: c.call("models"))
+        return a1111.lora_list(listing["loras"])
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["A1111"])
+    async def refresh_loras() -> None:
+        """The daemon reads its LoRA folder at every listing: asking it is the refresh."""
+        await daemon.run(lambda c: c.call("models"))
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["A1111"])
     async def samplers() -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     install = commands.add_parser("install", help="start the daemon at login (LaunchAgent on macOS, systemd --user on Linux)")
     install.add_argument("--hotfolder", type=Path, metavar="DIR", help="also run a hot folder on DIR at login")
     install.add_argument("--config", type=Path, help="the config the service runs with")
+    install.add_argument("--http", action="store_true",
+                         help="also run `diffuse http` (A1111's API and a web page) at login, after the daemon")
+    install.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
+                         help="with --http: the address to bind (default 127.0.0.1; any other needs --http-token)")
+    install.add_argument("--http-port", type=int, default=7860, metavar="PORT", help="with --http: the port (default 7860)")
+    install.add_argument("--http-token", default=os.environ.get("DIFFUSIOND_HTTP_TOKEN"), metavar="TOKEN",
+                         help="with --http: require this token on every request; kept in the service's environment, "
+                              "its file readable by you alone (env DIFFUSIOND_HTTP_TOKEN)")
     install.add_argument("--connect", metavar="tcp://HOST:PORT",
                          help="run a remote worker for the daemon there at login, instead of a daemon here")
     install.add_argument("--server-key", type=Path, help="with --connect: the daemon's server.key")
@@ -59,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
     gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
     gen.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
+    gen.add_argument("--aspect", metavar="W:H", help="a shape such as 16:9 instead of --size: the model's "
+                     "trained size nearest it (SDXL: its aspect buckets)")
     gen.add_argument("--seed", type=int, help="default: random, written into the PNG")
     gen.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     gen.add_argument("--count", type=int, default=1, help=f"images from one generator, 1–{Limits.count}")
@@ -118,7 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise InvalidParameter("init_image", f"{args.init_image} is not an image PIL can read; give a PNG, JPEG or WebP file") from None
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance_scale=args.guidance, width=width, height=height, count=args.count, seed=args.seed,
+        guidance_scale=args.guidance, width=width, height=height, aspect=args.aspect, count=args.count, seed=args.seed,
         scheduler=args.scheduler, rng=args.rng, init_image=init_image, strength=args.strength,
         safety_checker=not args.no_safety_checker, refiner=args.refiner, refiner_switch=args.refiner_switch,
         loras=tuple((lora["name"], lora["weight"]) for lora in args.lora),
@@ -253,12 +264,28 @@ def _install(args: argparse.Namespace) -> int:
             print(f"diffusiond: a worker needs {' and '.join(missing)}: the key files `diffusiond keys --worker NAME` "
                   "made on the daemon's machine", file=sys.stderr)
             return EXIT_USAGE
-        if args.hotfolder is not None:
-            print("diffusiond: --hotfolder goes with the daemon's install, not a worker's", file=sys.stderr)
-            return EXIT_USAGE
+        for flag, given in (("--hotfolder", args.hotfolder is not None), ("--http", args.http)):
+            if given:
+                print(f"diffusiond: {flag} goes with the daemon's install, not a worker's", file=sys.stderr)
+                return EXIT_USAGE
         wanted = [login_service.worker_service(args.connect, args.server_key, args.worker_key, args.name, args.config)]
     else:
         wanted = login_service.services(args.config, args.hotfolder)
+        if args.http:
+            from diffusiond.clients.protocol import default_runtime_dir
+
+            from .config import load
+
+            # `diffuse http` has no --config: a runtime folder the config names is passed on; the default
+            # one the service works out at its start, as the daemon does (with the service manager's
+            # XDG_RUNTIME_DIR, not this shell's).
+            try:
+                configured = load(args.config).runtime_dir
+            except ValueError as exc:
+                print(f"diffusiond: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            runtime_dir = None if configured == default_runtime_dir() else configured
+            wanted.append(login_service.http_service(args.http_host, args.http_port, args.http_token, runtime_dir))
     manager = login_service.manager()
     try:
         paths = login_service.install(wanted, manager)

@@ -1,7 +1,8 @@
 """`diffuse http` end to end: a real daemon on the tiny model, the HTTP server as a subprocess, driven
 by webuiapi (a third-party AUTOMATIC1111 client from PyPI), plain HTTP and, for the page, Debian's
 Chromium through Playwright. Response shapes are checked against A1111's, written out as JSON
-Schema in tests/fixtures/a1111/schema.json (its sources are named there)."""
+Schema in tests/fixtures/a1111/schema.json (its sources are named there). The daemon's LoRA folder
+holds a kohya LoRA made as tests/test_lora.py makes them, for /sdapi/v1/loras and <lora:…> tags."""
 
 from __future__ import annotations
 
@@ -22,12 +23,18 @@ from typing import Any
 import jsonschema
 import pytest
 import requests
+import torch
 import webuiapi
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from diffusiond.clients.client import Client
+from diffusiond.clients.infotext import parse_infotext
+from diffusiond.daemon.models import lora
+from diffusiond.daemon.models.catalog import TINY
 
 from .daemon_process import Daemon, free_port
+from .test_lora import kohya_lora
 
 SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "a1111" / "schema.json").read_text())
 FAST = {"steps": 4, "width": 64, "height": 64}
@@ -36,6 +43,31 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def conforms(value: Any, definition: str) -> None:
     jsonschema.validate(value, {"$ref": f"#/definitions/{definition}", **SCHEMA})
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    """ink: a kohya LoRA for the tiny model, with kohya's training metadata (ss_tag_frequency is JSON
+    text); styles/ink: the same file in a subfolder; styles/loha: a LyCORIS file no job can apply."""
+    folder = tmp_path_factory.mktemp("loras")
+    made = kohya_lora(TINY, folder / "made.safetensors", sdxl=False)
+    save_file(load_file(made), str(folder / "ink.safetensors"),
+              metadata={"ss_output_name": "inky", "ss_tag_frequency": '{"ink": {"cat": 2}}', "ss_network_dim": "4"})
+    made.unlink()
+    (folder / "styles").mkdir()
+    (folder / "styles" / "ink.safetensors").write_bytes((folder / "ink.safetensors").read_bytes())
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)},
+              str(folder / "styles" / "loha.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, lora_dir) -> Iterator[Daemon]:
+    """The real daemon on the tiny model (conftest's, with the LoRA folder above)."""
+    running = Daemon(tmp_path_factory.mktemp("daemon"), lora_dir=str(lora_dir)).start()
+    yield running
+    assert running.stop() == 0
+    running.close()
 
 
 class HttpServer:
@@ -179,6 +211,35 @@ def test_listings_and_options(api, server) -> None:
     assert other.status_code == 422 and "CLIP_stop_at_last_layers" in other.json()["detail"]
 
 
+def test_loras_list_the_daemons_lora_folder_and_a_tagged_prompt_applies_one(api, server, lora_dir) -> None:
+    """/sdapi/v1/loras in the Lora extension's shape: each file a job can apply, by the name a tag
+    takes, its path inside the LoRA folder only, its metadata as A1111 reads it. A `<lora:ink:0.8>`
+    prompt through txt2img changes the image, and `info` carries A1111's `Lora hashes`."""
+    listed = api.get_loras()
+    for item in listed:
+        conforms(item, "LoraItem")
+    by_name = {item["name"]: item for item in listed}
+    assert sorted(by_name) == ["ink", "styles/ink"]  # styles/loha (LoHa) cannot be applied: left out
+    assert by_name["ink"]["path"] == "ink.safetensors" and by_name["styles/ink"]["path"] == "styles/ink.safetensors"
+    assert str(lora_dir) not in json.dumps(listed)
+    assert by_name["ink"]["alias"] == "ink"  # what <lora:…> resolves here, not the file's ss_output_name
+    metadata = by_name["ink"]["metadata"]
+    assert metadata["ss_tag_frequency"] == {"ink": {"cat": 2}} and metadata["ss_network_dim"] == "4"
+    refreshed = requests.post(server.base + "/sdapi/v1/refresh-loras")
+    assert refreshed.status_code == 200 and refreshed.json() is None
+
+    short = lora.inspect(lora_dir / "ink.safetensors").hash
+    tagged = api.txt2img(prompt="a cat <lora:ink:0.8>", seed=5, **FAST)
+    conforms(tagged.json, "ImagesResponse")
+    conforms(tagged.info, "Info")
+    assert parse_infotext(tagged.info["infotexts"][0]).params["Lora hashes"] == f"ink: {short}"
+    assert tagged.info["extra_generation_params"]["Lora hashes"] == f"ink: {short}"
+    assert tagged.info["prompt"] == "a cat <lora:ink:0.8>"
+    plain = api.txt2img(prompt="a cat", seed=5, **FAST)
+    assert "Lora hashes" not in plain.info["extra_generation_params"]
+    assert plain.images[0].tobytes() != tagged.images[0].tobytes()
+
+
 @pytest.mark.parametrize(("fields", "status", "says"), [
     ({"sampler_name": "Heun"}, 400, "Sampler not found"),
     ({"sampler_name": "Euler", "scheduler": "karras"}, 400, "Karras is, with DPM++ 2M"),
@@ -187,6 +248,9 @@ def test_listings_and_options(api, server) -> None:
     ({"n_iter": 2}, 422, "n_iter"),
     ({"steps": 0}, 422, "steps"),  # the daemon's own refusal, in A1111's shape
     ({"override_settings": {"sd_model_checkpoint": "/etc"}}, 422, "path"),
+    ({"prompt": "p <lora:/etc/ink:0.5>"}, 422, "is a path"),
+    ({"prompt": "p <lora: ~/ink>"}, 422, "is a path"),
+    ({"prompt": "p <lora:nope:0.5>"}, 422, "no LoRA 'nope'"),  # the daemon's refusal
 ])
 def test_refusals_have_a1111s_error_shape(server, fields, status, says) -> None:
     reply = requests.post(server.base + "/sdapi/v1/txt2img", json={"prompt": "p", **FAST, **fields})
@@ -222,7 +286,8 @@ def test_native_jobs_submit_list_get_cancel_and_image(server, daemon) -> None:
     assert image.headers["content-type"] == "image/png" and image.content == Path(done["outputs"][0]).read_bytes()
     assert requests.get(f"{server.base}/api/jobs/{job['id']}/images/1").status_code == 404
     assert requests.get(f"{server.base}/api/jobs/nope").status_code == 404
-    for fields in ({"output_dir": "/tmp"}, {"output_name": "x"}, {"model": "/etc"}, {"model": "~/x"}):
+    for fields in ({"output_dir": "/tmp"}, {"output_name": "x"}, {"model": "/etc"}, {"model": "~/x"},
+                   {"loras": [{"name": "./ink", "weight": 1}]}):
         reply = requests.post(server.base + "/api/jobs", json={"prompt": "p", **fields})
         assert reply.status_code == 422, reply.text
         assert "path" in reply.json()["detail"] or "not taken over HTTP" in reply.json()["detail"]

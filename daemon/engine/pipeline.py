@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import lru_cache
 from typing import TYPE_CHECKING, overload
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from ..config import MIN_SIZE, Limits, default_lora_dir
 from ..errors import Cancelled, InvalidParameter
+from ..models import aspect
 from ..models.coreml_folder import CoreMLFolder
 from ..models.diffusers_folder import ModelFolder
 from ..models.family import SD, SDXL, SDXL_REFINER, TITLES, pad_tokens
@@ -53,6 +55,7 @@ class Request:
     guidance_scale: float = 7.5
     width: int | None = None  # None: the model's own size (img2img: the init image's)
     height: int | None = None
+    aspect: str | None = None  # "W:H" instead of a size: the model's trained size nearest that shape (models/aspect.py)
     count: int = 1
     seed: int | None = None  # None: a random seed, recorded in the result
     scheduler: str = "dpmpp_2m"
@@ -165,19 +168,28 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     factor = model.vae_scale_factor if model else 8
     width, height = r.width, r.height
+    ratio = None
+    if r.aspect is not None:
+        _check(width is None and height is None, "aspect",
+               f"give aspect or width and height, not both (got aspect {r.aspect!r}, width {width!r}, height {height!r})")
+        try:
+            ratio = aspect.parse(r.aspect)
+        except ValueError as exc:
+            raise InvalidParameter("aspect", str(exc)) from None
     if r.init_image is not None:
         _check(isinstance(r.init_image, Image.Image), "init_image", "must be an image")
         _check(_is_number(r.strength) and 0 < r.strength <= 1, "strength",
                f"must be a number above 0 and at most 1, got {r.strength!r}")
         _check(int(r.steps * r.strength) >= 1, "strength",
                f"{r.strength} of {r.steps} steps leaves no step to run; raise strength or steps")
-        # diffusers' default: the init image's own size, rounded down to the VAE's factor.
-        if width is None or height is None:
-            _check(min(r.init_image.size) >= MIN_SIZE, "init_image",
-                   f"is {r.init_image.width}x{r.init_image.height}; give a size (at least {MIN_SIZE} a side) "
-                   f"or an image at least {MIN_SIZE} px a side")
-        width = r.init_image.width // factor * factor if width is None else width
-        height = r.init_image.height // factor * factor if height is None else height
+        # diffusers' default: the init image's own size, rounded down to the VAE's factor (an aspect asks for another).
+        if ratio is None:
+            if width is None or height is None:
+                _check(min(r.init_image.size) >= MIN_SIZE, "init_image",
+                       f"is {r.init_image.width}x{r.init_image.height}; give a size (at least {MIN_SIZE} a side) "
+                       f"or an image at least {MIN_SIZE} px a side")
+            width = r.init_image.width // factor * factor if width is None else width
+            height = r.init_image.height // factor * factor if height is None else height
     if model is None:
         for name, value in (("width", width), ("height", height)):
             _check(value is None or _is_int(value) and MIN_SIZE <= value <= limits.size and value % 8 == 0, name,
@@ -187,6 +199,8 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
     if loras and isinstance(model, CoreMLFolder):
         _check_core_ml_loras(loras, model)
     check_family(loras, model.family, model.name)
+    if ratio is not None:
+        width, height = _aspect_size(r, ratio, model, limits)
     width = model.default_shape[0] if width is None else width
     height = model.default_shape[1] if height is None else height
     if model.fixed_size:
@@ -209,6 +223,24 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
                "each needs at least one: raise steps or move refiner_switch")
     return Resolved(r.prompt, r.negative_prompt, r.steps, r.guidance_scale, width, height, r.count, seed, r.scheduler,
                     r.rng, r.init_image, r.strength, r.safety_checker, r.refiner, r.refiner_switch, loras)
+
+
+def _aspect_size(r: Request, ratio: Fraction, model: Model, limits: Limits) -> tuple[int, int]:
+    """The model's trained size nearest an asked shape; a Core ML model has its one size, for the
+    shapes that are its own."""
+    native, title = model.default_shape, TITLES[model.family]
+    if model.fixed_size:
+        own = Fraction(*native)
+        _check(aspect.trained_ratio(model.family, ratio) == own, "aspect",
+               f"{r.aspect} is not the shape of this Core ML model, converted for {native[0]}x{native[1]} "
+               f"({aspect.written(own)}): ask for {aspect.written(own)} or leave aspect out, or convert it again "
+               "for another size (diffusiond convert --resolution)")
+        return native
+    width, height = aspect.size(model.family, ratio, native, max(8, model.vae_scale_factor))
+    _check(MIN_SIZE <= min(width, height) and max(width, height) <= limits.size, "aspect",
+           f"{r.aspect} makes {width}x{height} on this {title} model (native {native[0]}x{native[1]}), outside "
+           f"{MIN_SIZE} to {limits.size} a side; ask for a shape nearer 1:1, or give width and height")
+    return width, height
 
 
 def _check_family(r: Request, model: Model, refiner: Model | None) -> None:

@@ -27,7 +27,7 @@ import re
 import struct
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,14 @@ class LoraFile:
     size: int  # bytes
     hash: str  # A1111's short hash (SHORT_HASH hex digits)
     parts: tuple[str, ...]  # what it trains: UNET, TEXT_ENCODER, TEXT_ENCODER_2
+    # The safetensors header's __metadata__ (kohya's ss_* training notes), as written: A1111's listing shows it.
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> dict[str, object]:
         """The listing's fields (`models` op, `diffuse loras`)."""
-        return {"name": self.name, "path": str(self.path), "format": self.format,
-                "family": self.family, "rank": self.rank, "size": self.size, "hash": self.hash, "parts": list(self.parts)}
+        return {"name": self.name, "path": str(self.path), "format": self.format, "family": self.family,
+                "rank": self.rank, "size": self.size, "hash": self.hash, "parts": list(self.parts),
+                "metadata": dict(self.metadata)}
 
 
 def _refuse(path: Path, why: str) -> InvalidParameter:
@@ -160,7 +163,8 @@ def inspect(path: Path, name: str | None = None) -> LoraFile:
         raise _refuse(path, "has no LoRA down (lora_A / lora_down) weights")
     digest = str(metadata.get("sshs_model_hash") or tensor_hash(path, header_length))
     info = LoraFile(name or path.stem, path, formats.pop(), _family(shapes, parts), max(ranks), stat.st_size,
-                    digest[:SHORT_HASH], tuple(p for p in (UNET, TEXT_ENCODER, TEXT_ENCODER_2) if p in parts))
+                    digest[:SHORT_HASH], tuple(p for p in (UNET, TEXT_ENCODER, TEXT_ENCODER_2) if p in parts),
+                    {str(k): str(v) for k, v in metadata.items()})
     _CACHE[key] = info
     return info
 

@@ -6,22 +6,32 @@ in one thin place each, the boundary this module cannot cross on the other OS.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import plistlib
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMON, HOTFOLDER, WORKER = "daemon", "hotfolder", "worker"
-LABELS = {DAEMON: "org.diffusiond.daemon", HOTFOLDER: "org.diffusiond.hotfolder", WORKER: "org.diffusiond.worker"}
-UNITS = {DAEMON: "diffusiond.service", HOTFOLDER: "diffusiond-hotfolder.service", WORKER: "diffusiond-worker.service"}
+from diffusiond.clients.http_guard import is_loopback
+
+from ..errors import InvalidParameter
+
+DAEMON, HOTFOLDER, HTTP, WORKER = "daemon", "hotfolder", "http", "worker"
+LABELS = {DAEMON: "org.diffusiond.daemon", HOTFOLDER: "org.diffusiond.hotfolder", HTTP: "org.diffusiond.http",
+          WORKER: "org.diffusiond.worker"}
+UNITS = {DAEMON: "diffusiond.service", HOTFOLDER: "diffusiond-hotfolder.service", HTTP: "diffusiond-http.service",
+         WORKER: "diffusiond-worker.service"}
+TOKEN_VARIABLE = "DIFFUSIOND_HTTP_TOKEN"  # `diffuse http --token`'s default: the token stays off the command line
 
 
 @dataclass(frozen=True)
 class Service:
-    name: str  # DAEMON, HOTFOLDER or WORKER
+    name: str  # DAEMON, HOTFOLDER, HTTP or WORKER
     arguments: list[str]  # the command line, interpreter first, every path absolute
+    # Variables of this service alone that others must not read (the HTTP token): its file is written 0600.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 def services(config: Path | None, hotfolder: Path | None) -> list[Service]:
@@ -32,6 +42,25 @@ def services(config: Path | None, hotfolder: Path | None) -> list[Service]:
     if hotfolder is not None:
         result.append(Service(HOTFOLDER, [python, "-m", "diffusiond.clients.cli", "hotfolder", str(hotfolder.resolve())]))
     return result
+
+
+def http_service(host: str, port: int, token: str | None, runtime_dir: Path | None) -> Service:
+    """`diffuse http` beside the daemon, for the daemon whose sockets are in ``runtime_dir`` (None: the
+    default one, worked out when the service starts). Refused here rather than written as a service
+    that would only fail at every login: a bind that is not loopback without a token (`diffuse http`
+    itself refuses that), a port out of range, an environment without the http extra."""
+    if not 0 < port < 65536:
+        raise InvalidParameter("--http-port", f"a TCP port from 1 to 65535, got {port}")
+    if not is_loopback(host) and not token:
+        raise InvalidParameter("--http-host", f"{host} is not a loopback address, so anyone who can reach it could use "
+                               f"the daemon: give --http-token TOKEN (or set {TOKEN_VARIABLE}), or bind 127.0.0.1")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InvalidParameter("--http", f"`diffuse http` needs the http extra ({', '.join(missing)} missing from "
+                               f"{sys.executable}): pip install 'diffusiond[http]'")
+    arguments = [sys.executable, "-m", "diffusiond.clients.cli",
+                 *(["--runtime-dir", str(runtime_dir)] if runtime_dir else []), "http", "--host", host, "--port", str(port)]
+    return Service(HTTP, arguments, {TOKEN_VARIABLE: token} if token else {})
 
 
 def worker_service(connect: str, server_key: Path, worker_key: Path, name: str | None, config: Path | None) -> Service:
@@ -72,7 +101,7 @@ def launch_agent(service: Service) -> dict:
         "ProcessType": "Interactive",
         "StandardOutPath": log,
         "StandardErrorPath": log,
-        "EnvironmentVariables": _environment(),
+        "EnvironmentVariables": {**_environment(), **service.secrets},
         "WorkingDirectory": str(Path.home()),
     }
 
@@ -97,13 +126,17 @@ _UNIT_PARTS = {
              "notify", "TimeoutStartSec=900\nTimeoutStopSec=120\n"),
     HOTFOLDER: (f"Description=diffusiond hot folder: prompt files in, images out\n"
                 f"Wants={UNITS[DAEMON]}\nAfter={UNITS[DAEMON]}\n", "exec", ""),
+    # After the daemon's unit, which is ready once warm. `diffuse http` needs no ordering (launchd has
+    # none, and a daemon restarts): it answers 503 until the daemon's sockets answer.
+    HTTP: (f"Description=diffusiond HTTP: AUTOMATIC1111's API and a web page\n"
+           f"Wants={UNITS[DAEMON]}\nAfter={UNITS[DAEMON]}\n", "exec", ""),
     WORKER: ("Description=diffusiond remote worker: this machine's engine for a daemon on another\n", "exec", ""),
 }
 
 
 def systemd_unit(service: Service) -> str:
     command = " ".join(_quote(argument) for argument in service.arguments)
-    environment = "".join(f"Environment={_quote(f'{k}={v}')}\n" for k, v in _environment().items())
+    environment = "".join(f"Environment={_quote(f'{k}={v}')}\n" for k, v in {**_environment(), **service.secrets}.items())
     unit, kind, extra = _UNIT_PARTS[service.name]
     return (
         f"[Unit]\n{unit}\n"
@@ -122,6 +155,17 @@ def systemd_unit(service: Service) -> str:
 
 # -- install, uninstall, status ------------------------------------------------------------------
 
+def _write(path: Path, data: bytes, private: bool) -> None:
+    """A service file; a private one (it holds a secret) readable by this user alone from its first byte."""
+    if not private:
+        path.write_bytes(data)
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file left by an earlier install keeps its mode otherwise
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
 def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
 
@@ -136,14 +180,14 @@ def install(wanted: list[Service], manager: str) -> list[Path]:
             path = plist_path(service.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             _run("launchctl", "bootout", f"{domain}/{LABELS[service.name]}", check=False)
-            path.write_bytes(plistlib.dumps(launch_agent(service)))
+            _write(path, plistlib.dumps(launch_agent(service)), bool(service.secrets))
             _run("launchctl", "bootstrap", domain, str(path))
             written.append(path)
         return written
     unit_dir().mkdir(parents=True, exist_ok=True)
     for service in wanted:
         path = unit_dir() / UNITS[service.name]
-        path.write_text(systemd_unit(service))
+        _write(path, systemd_unit(service).encode(), bool(service.secrets))
         written.append(path)
     _run("systemctl", "--user", "daemon-reload")
     for service in wanted:
@@ -154,7 +198,7 @@ def install(wanted: list[Service], manager: str) -> list[Path]:
 
 def uninstall(manager: str) -> list[Path]:
     removed = []
-    for name in (HOTFOLDER, WORKER, DAEMON):
+    for name in (HTTP, HOTFOLDER, WORKER, DAEMON):
         if manager == "launchd":
             path = plist_path(name)
             _run("launchctl", "bootout", f"gui/{os.getuid()}/{LABELS[name]}", check=False)
@@ -173,7 +217,7 @@ def uninstall(manager: str) -> list[Path]:
 def status(manager: str) -> list[dict[str, str]]:
     """Per service: installed, loaded, running, pid, and where its logs are."""
     rows = []
-    for name in (DAEMON, HOTFOLDER, WORKER):
+    for name in (DAEMON, HOTFOLDER, HTTP, WORKER):
         if manager == "launchd":
             path = plist_path(name)
             shown = _run("launchctl", "print", f"gui/{os.getuid()}/{LABELS[name]}", check=False)

@@ -69,7 +69,7 @@ CANCEL_PENDING = ("job {job} stops before its next model call (each denoising st
 # `invalid_parameter` (resolve()).
 _JOB_TYPES: dict[str, type | tuple[type, ...]] = {
     "prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": (int, float), "width": int, "height": int,
-    "count": int, "seed": int, "scheduler": str, "rng": str, "strength": (int, float), "safety_checker": bool,
+    "aspect": str, "count": int, "seed": int, "scheduler": str, "rng": str, "strength": (int, float), "safety_checker": bool,
     "refiner": str, "refiner_switch": (int, float), "loras": list,
 }
 _JOB_FIELDS = set(_JOB_TYPES)
@@ -411,7 +411,9 @@ class Server:
         refiner = self._model(refiner_name) if refiner_name else None
         request = resolve(Request(**fields, init_image=self._image(image_bytes)), self._model(model_name), self.config.limits,
                           refiner, self.config.lora_dir, downloads_pending=True)
-        params = {name: getattr(request, name) for name in _JOB_FIELDS}
+        # A request resolved against its model records the size its aspect chose, not the aspect (a retry,
+        # a requeue after a crash and --reuse make that size again); one whose model is still to come keeps it.
+        params = {name: getattr(request, name) for name in _JOB_FIELDS if hasattr(request, name)}
         # The job's list as given (the prompt's tags stay in the prompt), in the wire's form.
         params["loras"] = [{"name": name, "weight": weight} for name, weight in fields.get("loras", ())]
         job, created = self.batch_jobs.submit(params, model_name, output_dir, priority, key, image_bytes,
