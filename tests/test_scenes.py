@@ -191,6 +191,23 @@ def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_t
     assert "shape asked" in tally.report()
 
 
+def test_hearing_swaps_one_attribute_at_a_time_and_measures_each(trained: Path) -> None:
+    """--hearing's swaps change the one attribute named (never making the shape the background's
+    colour), so a share is that attribute's words alone; on a trained folder each share is a number."""
+    from dataclasses import asdict
+
+    from diffusiond.daemon.models.scenes import evaluate
+
+    rng = np.random.default_rng(0)
+    for s, _ in itertools.islice(scene.samples(4), 50):
+        for attribute in scene.ATTRIBUTES:
+            changed = evaluate.swapped(s, attribute, rng)
+            assert [key for key in scene.ATTRIBUTES if asdict(changed)[key] != asdict(s)[key]] == [attribute]
+            assert changed.colour != changed.background
+    shares = evaluate.hearing(trained, count=4, seed=0)
+    assert list(shares) == list(scene.ATTRIBUTES) and all(np.isfinite(v) and v >= 0 for v in shares.values())
+
+
 def test_the_shipped_configuration_fits_the_size_budget() -> None:
     """The model ships in the repository: its float32 weights must stay under 20 MB."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
