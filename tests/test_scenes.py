@@ -127,6 +127,7 @@ def tiny_training_config() -> dict:
     config["unet"].update(block_out_channels=[8, 16, 16], cross_attention_dim=16, norm_num_groups=4)
     for stage in ("vae", "unet"):
         config["training"][stage].update(steps=2, batch_size=2, warmup_steps=1)
+    config["training"]["unet"]["noisiest_first"] = 1  # one step of each kind of timestep draw
     config["training"]["unet"]["snapshot_every"] = 1
     return config
 
@@ -181,6 +182,22 @@ def test_training_weighs_the_shape_by_a_mask_of_its_own_pixels() -> None:
         assert any(want <= area < 1.4 * want for want in scene.AREA.values()), areas
     assert {min(scene.AREA, key=lambda size: abs(a - scene.AREA[size])) for a in areas} == set(scene.AREA), \
         "both sizes drawn and masked"
+
+
+def test_stage_two_trains_the_noisiest_step_alone_first_then_favours_the_noisiest_quarter() -> None:
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    settings = train.load_config(train.CONFIG)["training"]["unet"]
+    first = settings["noisiest_first"]
+    assert 0 < first < settings["steps"]
+    for step in (1, first):
+        assert train.draw_timesteps(step, 64, settings, 1000).tolist() == [999] * 64
+    torch.manual_seed(0)
+    later = train.draw_timesteps(first + 1, 20_000, settings, 1000)
+    quarter = (later >= 750).float().mean().item()  # 4 × 250 of 750 + 4 × 250: 4/7
+    assert abs(quarter - 4 / 7) < 0.02 and later.min() < 250, quarter
 
 
 def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_them(trained: Path) -> None:

@@ -128,6 +128,20 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
     ))
 
 
+def draw_timesteps(step: int, size: int, settings: dict[str, Any], count: int) -> torch.Tensor:
+    """Stage 2's timesteps at `step`. The noisiest steps, where the input holds no trace of the
+    shape, are the only ones that teach the model to place it from the words. So the first
+    `noisiest_first` steps train t = count − 1 alone, a plain regression from caption to mean
+    picture (there the UNet began to hear the position after 500–1,000 steps; in the mix, not
+    within 1,000: docs/toy-model.md). Then the noisiest `later_portion` is drawn `later_multiplier`
+    times as often as the rest (the "later" bias of diffusers' train_text_to_image_sdxl.py)."""
+    if step <= settings["noisiest_first"]:
+        return torch.full((size,), count - 1)
+    weights = torch.ones(count)
+    weights[count - int(count * settings["later_portion"]):] *= settings["later_multiplier"]
+    return torch.multinomial(weights, size, replacement=True)
+
+
 Snapshot = Callable[[int, UNet2DConditionModel, CLIPTextModel], None]
 
 
@@ -149,12 +163,6 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
                              num_training_steps=settings["steps"])
     ema = EMAModel(parameters, decay=settings["ema_decay"])
     scaling = vae.config.scaling_factor
-    # The noisiest steps, where the input holds no trace of the shape, are the only ones that teach
-    # the model to place it from the text; drawn `later_multiplier` times as often (the "later"
-    # timestep bias of diffusers' train_text_to_image_sdxl.py).
-    count = noise_scheduler.config.num_train_timesteps
-    timestep_weights = torch.ones(count)
-    timestep_weights[count - int(count * settings["later_portion"]):] *= settings["later_multiplier"]
 
     def step(i: int) -> float:
         pixels, mask, captions = batch(rng, settings["batch_size"], device)
@@ -162,7 +170,7 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * scaling
         noise = torch.randn_like(latents)
-        timesteps = torch.multinomial(timestep_weights, len(captions), replacement=True).to(device)
+        timesteps = draw_timesteps(i, len(captions), settings, noise_scheduler.config.num_train_timesteps).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
