@@ -127,6 +127,8 @@ def tiny_training_config() -> dict:
     config["unet"].update(block_out_channels=[8, 16, 16], cross_attention_dim=16, norm_num_groups=4)
     for stage in ("vae", "unet"):
         config["training"][stage].update(steps=2, batch_size=2, warmup_steps=1)
+    config["training"]["unet"]["noisiest_first"] = 1  # one step of each kind of timestep draw
+    config["training"]["unet"]["snapshot_every"] = 1
     return config
 
 
@@ -158,6 +160,44 @@ def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws
     assert image.size == (scene.SIZE, scene.SIZE), "the pipeline's default size is the world's"
     assert pipe.vae.config.scaling_factor != 0.18215, "the scaling factor is measured on the trained VAE"
     assert not trained.with_name("shapes.building").exists()
+    snapshot = trained.with_name("shapes.step-1")
+    snapped = StableDiffusionPipeline.from_pretrained(snapshot, safety_checker=None)
+    assert snapped.unet.config.block_out_channels == pipe.unet.config.block_out_channels, \
+        "a snapshot of stage 2 is a whole folder too"
+    for folder in (trained, snapshot):
+        assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}, \
+            "the engine's tokenizer reads vocab.json and merges.txt"
+
+
+def test_training_weighs_the_shape_by_a_mask_of_its_own_pixels() -> None:
+    """The foreground weight needs the shape's pixels: each mask covers the scene's shape area
+    (scene.AREA, small or large) and its anti-aliased rim, not the background and not nothing."""
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    _pixels, mask, _captions = train.batch(np.random.default_rng(3), 32, torch.device("cpu"))
+    areas = mask.sum(dim=(1, 2, 3)).tolist()
+    for area in areas:
+        assert any(want <= area < 1.4 * want for want in scene.AREA.values()), areas
+    assert {min(scene.AREA, key=lambda size: abs(a - scene.AREA[size])) for a in areas} == set(scene.AREA), \
+        "both sizes drawn and masked"
+
+
+def test_stage_two_trains_the_noisiest_step_alone_first_then_favours_the_noisiest_quarter() -> None:
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    settings = train.load_config(train.CONFIG)["training"]["unet"]
+    first = settings["noisiest_first"]
+    assert 0 < first < settings["steps"]
+    for step in (1, first):
+        assert train.draw_timesteps(step, 64, settings, 1000).tolist() == [999] * 64
+    torch.manual_seed(0)
+    later = train.draw_timesteps(first + 1, 20_000, settings, 1000)
+    quarter = (later >= 750).float().mean().item()  # 4 × 250 of 750 + 4 × 250: 4/7
+    assert abs(quarter - 4 / 7) < 0.02 and later.min() < 250, quarter
 
 
 def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_them(trained: Path) -> None:
@@ -166,6 +206,23 @@ def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_t
     tally = evaluate.evaluate(trained, count=2, seed=0, device="cpu")
     assert all(tally.asked[key] == 2 for key in ALL)
     assert "shape asked" in tally.report()
+
+
+def test_hearing_swaps_one_attribute_at_a_time_and_measures_each(trained: Path) -> None:
+    """--hearing's swaps change the one attribute named (never making the shape the background's
+    colour), so a share is that attribute's words alone; on a trained folder each share is a number."""
+    from dataclasses import asdict
+
+    from diffusiond.daemon.models.scenes import evaluate
+
+    rng = np.random.default_rng(0)
+    for s, _ in itertools.islice(scene.samples(4), 50):
+        for attribute in scene.ATTRIBUTES:
+            changed = evaluate.swapped(s, attribute, rng)
+            assert [key for key in scene.ATTRIBUTES if asdict(changed)[key] != asdict(s)[key]] == [attribute]
+            assert changed.colour != changed.background
+    shares = evaluate.hearing(trained, count=4, seed=0)
+    assert list(shares) == list(scene.ATTRIBUTES) and all(np.isfinite(v) and v >= 0 for v in shares.values())
 
 
 def test_the_shipped_configuration_fits_the_size_budget() -> None:

@@ -1,6 +1,10 @@
 """Train the `shapes` model on the scene world: the VAE first, then the UNet and text encoder.
 
     python -m diffusiond.daemon.models.scenes.train [--config train.toml] [--out daemon/models/shapes]
+                                                    [--vae FOLDER]
+
+`--vae` takes stage 1's result from an earlier run (a diffusers AutoencoderKL folder, such as the
+shipped model's vae/) and runs stage 2 only: the UNet and text encoder are what changes between tries.
 
 Built from diffusers' and PyTorch's own pieces (AutoencoderKL, UNet2DConditionModel,
 CLIPTextModel, DDPMScheduler.add_noise, EMAModel, get_scheduler, AdamW), fixed seeds, and written
@@ -20,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -31,8 +35,12 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "train.toml"
 OUT = HERE.parent / "shapes"
 TOKENIZER = HERE.parent / "tiny" / "tokenizer"  # the tiny model's cut-down CLIP BPE (tests/build_tiny_model.py)
-# Stable Diffusion 1.5's noise schedule, for training and for the shipped sampler alike.
-SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+# Stable Diffusion 1.5's betas rescaled to zero terminal SNR, predicting v (Lin et al. 2023, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"). On 16 × 16 latents SD's own schedule leaves
+# a flat background readable through the noise at t = 999, so the model learnt to take the background
+# from the noise instead of the caption; at zero SNR the last step holds no image, only the text.
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -40,15 +48,26 @@ def load_config(path: Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """`size` training scenes as a tensor in [-1, 1] (N, 3, H, W), and one caption each."""
-    images, captions = [], []
+def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`size` training scenes as a tensor in [-1, 1] (N, 3, H, W), each one's shape mask (N, 1, H, W:
+    1 where a pixel is not the background's colour), and one caption each."""
+    images, masks, captions = [], [], []
     for _ in range(size):
         s = scene.random_scene(rng)
-        images.append(np.asarray(scene.render(s)))
+        image = np.asarray(scene.render(s))
+        images.append(image)
+        masks.append(np.abs(image.astype(np.int16) - scene.COLOURS[s.background]).sum(axis=-1) > 24)
         captions.append(scene.caption(s, rng).text)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels.to(device), captions
+    mask = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()
+    return pixels.to(device), mask.to(device), captions
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """MSE with the error under the shape (`cover`, 1 there) counted `foreground_weight` times: the
+    shape is 2–9 % of a scene's pixels, so a plain mean lets the background's error drown it."""
+    weight = 1 + (foreground_weight - 1) * cover
+    return (weight * (prediction - target) ** 2).mean() / weight.mean()
 
 
 def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> None:
@@ -66,7 +85,8 @@ def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> 
 
 
 def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
-    """Stage 1: an AutoencoderKL that reconstructs scenes (MSE plus a small KL term)."""
+    """Stage 1: an AutoencoderKL that reconstructs scenes: MSE weighted towards the shape, plus a
+    small KL term (a plain mean rounded small squares into circles and let L1 lose their colour)."""
     settings = config["training"]["vae"]
     torch.manual_seed(config["seed"])
     rng = np.random.default_rng(config["seed"])
@@ -76,10 +96,11 @@ def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
                              num_training_steps=settings["steps"])
 
     def step(_: int) -> float:
-        pixels, _captions = batch(rng, settings["batch_size"], device)
+        pixels, mask, _captions = batch(rng, settings["batch_size"], device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, pixels) + settings["kl_weight"] * posterior.kl().mean()
+        loss = weighted_mse(reconstruction, pixels, mask, settings["foreground_weight"]) \
+            + settings["kl_weight"] * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -91,7 +112,7 @@ def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
     vae.eval().requires_grad_(False)
     # Stable Diffusion's convention: latents times scaling_factor have unit variance.
     with torch.no_grad():
-        pixels, _captions = batch(rng, 256, device)
+        pixels, _mask, _captions = batch(rng, 256, device)
         latents = vae.encode(pixels).latent_dist.sample()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae
@@ -107,9 +128,29 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
     ))
 
 
+def draw_timesteps(step: int, size: int, settings: dict[str, Any], count: int) -> torch.Tensor:
+    """Stage 2's timesteps at `step`. The noisiest steps, where the input holds no trace of the
+    shape, are the only ones that teach the model to place it from the words. So the first
+    `noisiest_first` steps train t = count − 1 alone, a plain regression from caption to mean
+    picture (there the UNet began to hear the position after 500–1,000 steps; in the mix, not
+    within 1,000: docs/toy-model.md). Then the noisiest `later_portion` is drawn `later_multiplier`
+    times as often as the rest (the "later" bias of diffusers' train_text_to_image_sdxl.py)."""
+    if step <= settings["noisiest_first"]:
+        return torch.full((size,), count - 1)
+    weights = torch.ones(count)
+    weights[count - int(count * settings["later_portion"]):] *= settings["later_multiplier"]
+    return torch.multinomial(weights, size, replacement=True)
+
+
+Snapshot = Callable[[int, UNet2DConditionModel, CLIPTextModel], None]
+
+
 def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                   device: torch.device) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 2: the UNet and the text encoder together, predicting the noise DDPM added to latents."""
+                   device: torch.device, snapshot: Snapshot | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: the UNet and the text encoder together, predicting v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022).
+
+    `snapshot` gets the EMA weights every `snapshot_every` steps, so a long CPU run can be judged
+    (evaluate.py) before it ends."""
     settings = config["training"]["unet"]
     torch.manual_seed(config["seed"] + 1)
     rng = np.random.default_rng(config["seed"] + 1)
@@ -123,23 +164,31 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     ema = EMAModel(parameters, decay=settings["ema_decay"])
     scaling = vae.config.scaling_factor
 
-    def step(_: int) -> float:
-        pixels, captions = batch(rng, settings["batch_size"], device)
+    def step(i: int) -> float:
+        pixels, mask, captions = batch(rng, settings["batch_size"], device)
         captions = ["" if rng.random() < settings["caption_dropout"] else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * scaling
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), device=device)
+        timesteps = draw_timesteps(i, len(captions), settings, noise_scheduler.config.num_train_timesteps).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        # Latents under the shape: its mask max-pooled to the latent grid.
+        cover = F.max_pool2d(mask, pixels.shape[-1] // latents.shape[-1])
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = weighted_mse(prediction, target, cover, settings["foreground_weight"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         ema.step(parameters)
+        if snapshot is not None and i % settings["snapshot_every"] == 0 and i < settings["steps"]:
+            ema.store(parameters)
+            ema.copy_to(parameters)
+            snapshot(i, unet, text_encoder)
+            ema.restore(parameters)
         return loss.item()
 
     unet.train()
@@ -149,34 +198,52 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     return unet.eval(), text_encoder.eval()
 
 
-def train(config: dict[str, Any], out: Path, device: torch.device) -> None:
-    """Both stages, then the diffusers folder (written beside `out` and renamed into place)."""
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    vae = train_vae(config, device)
-    unet, text_encoder = train_denoiser(config, vae, tokenizer, device)
+def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+          out: Path) -> None:
+    """The diffusers folder, written beside `out` and renamed into place."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        # Stable Diffusion 1.5's sampler configuration, on the schedule the model was trained with.
-        scheduler=PNDMScheduler(**SCHEDULE, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+        # DDIM with trailing timesteps, so sampling starts at t = 999 where training put zero SNR (Lin et al. §3.3).
+        scheduler=DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
-    pipe.to("cpu").save_pretrained(staging, safe_serialization=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    # transformers 5 saves tokenizer.json alone; our engine's tokenizer and Apple's Swift one read these two.
+    shutil.copy(TOKENIZER / "vocab.json", staging / "tokenizer")
+    shutil.copy(TOKENIZER / "merges.txt", staging / "tokenizer")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out} ({size / 1e6:.2f} MB)")
+    print(f"wrote {out} ({size / 1e6:.2f} MB)", flush=True)
+
+
+def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None) -> None:
+    """Both stages (or stage 2 on `vae_folder`'s VAE), then the folder; a snapshot folder
+    `OUT.step-N` beside it every `snapshot_every` steps of stage 2."""
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    if vae_folder is None:
+        vae = train_vae(config, device)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
+
+    def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+        write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"))
+
+    unet, text_encoder = train_denoiser(config, vae, tokenizer, device, snapshot)
+    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--vae", type=Path, help="a trained VAE folder: skip stage 1")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"training on {device} with {torch.get_num_threads()} threads", flush=True)
-    train(load_config(args.config), args.out, device)
+    train(load_config(args.config), args.out, device, args.vae)
 
 
 if __name__ == "__main__":
