@@ -10,7 +10,7 @@ scheduler), one seed per caption. Prints each attribute's agreement and the shap
 input holds no image, so only the caption can say where and what the shape is. For each attribute
 it swaps that attribute's words in the caption and measures how far the UNet's prediction moves,
 against swapping the whole caption. A share near 0 means the model does not hear those words at
-all, which no amount of sampling can mend (docs/toy-model.md, run 4).
+all, which no amount of sampling can mend (docs/toy-model.md, "What went wrong first", 3).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ...engine.pipeline import Pipeline, Request
 from ...engine.runtimes.torch_runtime import TorchRuntime
 from ..diffusers_folder import ModelFolder
 from . import judge, scene
-from .train import OUT
+from .train import OUT, TIMESTEPS, token_ids
 
 
 def evaluate(model: Path, count: int, seed: int, device: str) -> judge.Tally:
@@ -57,21 +57,21 @@ def swapped(s: scene.Scene, attribute: str, rng: np.random.Generator) -> scene.S
 
 @torch.no_grad()
 def hearing(model: Path, count: int, seed: int) -> dict[str, float]:
-    """Each attribute's share of the prediction's movement at t = 999 when its words are swapped,
+    """Each attribute's share of the prediction's movement at the noisiest step when its words are swapped,
     against swapping the whole caption for another scene's (1: as much as a new caption)."""
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(model / "unet").eval()
     rng = np.random.default_rng(seed)
+    noisiest = TIMESTEPS - 1
     scenes = [s for s, _ in itertools.islice(scene.samples(seed), count)]
     others = [s for s, _ in itertools.islice(scene.samples(seed + 1), count)]
 
     def predict(chosen: list[scene.Scene]) -> torch.Tensor:
-        ids = tokenizer([scene.full_caption(s).text for s in chosen], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, [scene.full_caption(s).text for s in chosen])
         size = unet.config.sample_size
         noise = torch.randn(len(chosen), unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-        return unet(noise, torch.full((len(chosen),), 999), text_encoder(ids)[0]).sample
+        return unet(noise, torch.full((len(chosen),), noisiest), text_encoder(ids)[0]).sample
 
     base = predict(scenes)
     whole = (predict(others) - base).pow(2).mean()

@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import scene
 
+TIMESTEPS = 1000  # training timesteps, t = 0 … TIMESTEPS − 1
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "train.toml"
 OUT = HERE.parent / "shapes"
@@ -39,7 +40,7 @@ TOKENIZER = HERE.parent / "tiny" / "tokenizer"  # the tiny model's cut-down CLIP
 # Diffusion Noise Schedules and Sample Steps are Flawed"). On 16 × 16 latents SD's own schedule leaves
 # a flat background readable through the noise at t = 999, so the model learnt to take the background
 # from the noise instead of the caption; at zero SNR the last step holds no image, only the text.
-SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": TIMESTEPS,
             "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 
@@ -128,6 +129,12 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
     ))
 
 
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """The captions as the text encoder takes them: padded to the tokenizer's full length, as the pipelines pad."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def draw_timesteps(step: int, size: int, settings: dict[str, Any], count: int) -> torch.Tensor:
     """Stage 2's timesteps at `step`. The noisiest steps, where the input holds no trace of the
     shape, are the only ones that teach the model to place it from the words. So the first
@@ -172,8 +179,7 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
         noise = torch.randn_like(latents)
         timesteps = draw_timesteps(i, len(captions), settings, noise_scheduler.config.num_train_timesteps).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = token_ids(tokenizer, captions).to(device)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         # Latents under the shape: its mask max-pooled to the latent grid.
         cover = F.max_pool2d(mask, pixels.shape[-1] // latents.shape[-1])
