@@ -208,6 +208,16 @@ def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_t
     assert "shape asked" in tally.report()
 
 
+def test_round_trip_grades_held_out_scenes_after_the_vae_alone(trained: Path) -> None:
+    from diffusiond.daemon.models.scenes import evaluate
+
+    tally = evaluate.round_trip(trained, count=3, seed=0)
+    assert all(tally.asked[key] == 3 for key in ALL)
+    # A VAE trained for two steps is far from the identity: the decoded pixels are judged, not the
+    # scenes (which the judge reads perfectly: test_judge_reads_every_attribute...).
+    assert min(tally.accuracy(key) for key in ALL) < 1, tally.report()
+
+
 def test_hearing_swaps_one_attribute_at_a_time_and_measures_each(trained: Path) -> None:
     """--hearing's swaps change the one attribute named (never making the shape the background's
     colour), so a share is that attribute's words alone; on a trained folder each share is a number."""

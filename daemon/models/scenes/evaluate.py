@@ -1,6 +1,7 @@
 """Score a model on held-out captions: the daemon's own engine draws, the procedural judge grades.
 
-    python -m diffusiond.daemon.models.scenes.evaluate [--model daemon/models/shapes] [--count 200] [--hearing]
+    python -m diffusiond.daemon.models.scenes.evaluate [--model daemon/models/shapes] [--count 200]
+                                                       [--hearing | --round-trip]
 
 Each caption names all five attributes of a scene whose (shape, colour, background) triple was
 never drawn in training; the request is otherwise the daemon's defaults (steps, guidance,
@@ -11,6 +12,9 @@ input holds no image, so only the caption can say where and what the shape is. F
 it swaps that attribute's words in the caption and measures how far the UNet's prediction moves,
 against swapping the whole caption. A share near 0 means the model does not hear those words at
 all, which no amount of sampling can mend (docs/toy-model.md, "What went wrong first", 3).
+
+`--round-trip` grades the held-out scenes themselves after the model's VAE encodes and decodes
+them: the most any UNet on that VAE can score.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -42,6 +46,18 @@ def evaluate(model: Path, count: int, seed: int, device: str) -> judge.Tally:
         asked = scene.full_caption(s)
         result = pipeline.generate(Request(prompt=asked.text, seed=seed + i, safety_checker=False))
         tally.add(Image.fromarray(result.images[0]), asked.named)
+    return tally
+
+
+@torch.no_grad()
+def round_trip(model: Path, count: int, seed: int) -> judge.Tally:
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    tally = judge.Tally()
+    for s, _ in itertools.islice(scene.samples(seed, held_out=True), count):
+        pixels = torch.from_numpy(np.array(scene.render(s))).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample[0]
+        image = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        tally.add(Image.fromarray(image), scene.full_caption(s).named)
     return tally
 
 
@@ -85,9 +101,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--hearing", action="store_true", help="which words move the prediction at the noisiest step")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--hearing", action="store_true", help="which words move the prediction at the noisiest step")
+    mode.add_argument("--round-trip", action="store_true", help="grade the scenes after the VAE alone")
     args = parser.parse_args()
-    if args.hearing:
+    if args.round_trip:
+        print(round_trip(args.model, args.count, args.seed).report())
+    elif args.hearing:
         for attribute, share in hearing(args.model, args.count, args.seed).items():
             print(f"{attribute:<10} {share:6.3f}")
     else:
