@@ -237,7 +237,7 @@ def test_hearing_swaps_one_attribute_at_a_time_and_measures_each(trained: Path) 
 
 def test_the_shipped_configuration_fits_the_size_budget() -> None:
     """The model ships in the repository: its float32 weights must stay under 20 MB."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     from diffusiond.daemon.models.scenes import train
@@ -245,7 +245,7 @@ def test_the_shipped_configuration_fits_the_size_budget() -> None:
     config = train.load_config(train.CONFIG)
     models = (
         AutoencoderKL(**config["vae"]),
-        UNet2DConditionModel(**config["unet"]),
+        train.unet_for(config),
         train.text_encoder_for(config, CLIPTokenizer.from_pretrained(train.TOKENIZER)),
     )
     weights = sum(p.numel() for model in models for p in model.parameters()) * 4

@@ -35,7 +35,7 @@ from ...engine.pipeline import Pipeline, Request
 from ...engine.runtimes.torch_runtime import TorchRuntime
 from ..diffusers_folder import ModelFolder
 from . import judge, scene
-from .train import OUT, TIMESTEPS, token_ids
+from .train import OUT, TIMESTEPS, to_pixels, token_ids
 
 
 def evaluate(model: Path, count: int, seed: int, device: str) -> judge.Tally:
@@ -54,7 +54,7 @@ def round_trip(model: Path, count: int, seed: int) -> judge.Tally:
     vae = AutoencoderKL.from_pretrained(model / "vae").eval()
     tally = judge.Tally()
     for s, _ in itertools.islice(scene.samples(seed, held_out=True), count):
-        pixels = torch.from_numpy(np.array(scene.render(s))).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        pixels = to_pixels([np.asarray(scene.render(s))])
         decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample[0]
         image = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         tally.add(Image.fromarray(image), scene.full_caption(s).named)

@@ -59,9 +59,13 @@ def batch(rng: np.random.Generator, size: int, device: torch.device) -> tuple[to
         images.append(image)
         masks.append(np.abs(image.astype(np.int16) - scene.COLOURS[s.background]).sum(axis=-1) > 24)
         captions.append(scene.caption(s, rng).text)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     mask = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()
-    return pixels.to(device), mask.to(device), captions
+    return to_pixels(images).to(device), mask.to(device), captions
+
+
+def to_pixels(images: list[np.ndarray]) -> torch.Tensor:
+    """RGB images (H, W, 3, uint8) as the VAE takes them: (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor, foreground_weight: float) -> torch.Tensor:
@@ -129,6 +133,12 @@ def text_encoder_for(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTe
     ))
 
 
+def unet_for(config: dict[str, Any]) -> UNet2DConditionModel:
+    """The UNet, its input and output channels the VAE's latent channels: one setting, not two to keep equal."""
+    channels = config["vae"]["latent_channels"]
+    return UNet2DConditionModel(**config["unet"], in_channels=channels, out_channels=channels)
+
+
 def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """The captions as the text encoder takes them: padded to the tokenizer's full length, as the pipelines pad."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -161,7 +171,7 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     settings = config["training"]["unet"]
     torch.manual_seed(config["seed"] + 1)
     rng = np.random.default_rng(config["seed"] + 1)
-    unet = UNet2DConditionModel(**config["unet"]).to(device)
+    unet = unet_for(config).to(device)
     text_encoder = text_encoder_for(config, tokenizer).to(device)
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
