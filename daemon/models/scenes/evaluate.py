@@ -105,6 +105,8 @@ def main() -> None:
     mode.add_argument("--hearing", action="store_true", help="which words move the prediction at the noisiest step")
     mode.add_argument("--round-trip", action="store_true", help="grade the scenes after the VAE alone")
     args = parser.parse_args()
+    if not (args.model / "model_index.json").is_file():
+        parser.error(f"{args.model} is not a trained model folder: train one first (train.py --out FOLDER)")
     if args.round_trip:
         print(round_trip(args.model, args.count, args.seed).report())
     elif args.hearing:
