@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("prompt", nargs="?", help="what to draw (may come from --reuse instead)")
     submit.add_argument("-n", "--negative-prompt")
     submit.add_argument("--steps", type=int)
-    submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale")
+    submit.add_argument("-g", "--guidance", type=float, dest="guidance_scale", help="CFG scale (default: the model's own, 7.5 for most)")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8")
     submit.add_argument("--aspect", metavar="W:H", help="a shape such as 16:9 instead of --size: the model's "

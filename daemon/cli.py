@@ -62,11 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="make images in this process (no daemon) and write PNGs")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=path_argument, default=Path("image.png"), help="PNG path; more images get -2, -3 …")
-    gen.add_argument("-m", "--model", type=model_name, default="tiny",
-                     help="diffusers-format folder, or 'tiny' (shipped, draws noise)")
+    gen.add_argument("-m", "--model", type=model_name, default="shapes",
+                     help="diffusers-format folder, or a shipped model: 'shapes' (draws shapes), 'tiny' (noise)")
     gen.add_argument("-n", "--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=25, help=f"1–{Limits.steps}")
-    gen.add_argument("-g", "--guidance", type=float, default=7.5, help="CFG scale; ≤ 1 skips the unconditional pass")
+    gen.add_argument("-g", "--guidance", type=float,
+                     help="CFG scale (default: the model's own, 7.5 for most); ≤ 1 skips the unconditional pass")
     gen.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT, multiples of 8 (default: the model's size)")
     gen.add_argument("--aspect", metavar="W:H", help="a shape such as 16:9 instead of --size: the model's "
                      "trained size nearest it (SDXL: its aspect buckets)")

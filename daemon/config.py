@@ -63,7 +63,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "tiny"  # loaded at start and kept warm
+    model: str = "shapes"  # loaded at start and kept warm
     runtime: str = "torch"
     device: str = "auto"
     compute_units: str = "auto"  # coreml: one of protocol.COMPUTE_UNIT_CHOICES

@@ -42,6 +42,8 @@ def _toml(value: Any) -> str:
 
 class Daemon:
     def __init__(self, home: Path, **settings: Any) -> None:
+        # The random `tiny` model unless a test names another: the machinery's tests need its speed, not meaning.
+        settings.setdefault("model", "tiny")
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = home / "run"

@@ -75,7 +75,7 @@ def test_into_a_pipe_no_progress_bar_is_drawn(piped) -> None:
 
 def test_a_model_loads_quietly_saying_once_what_it_loads(piped) -> None:
     assert "accelerate" not in piped.stderr and "Loading weights" not in piped.stderr
-    assert piped.stderr.splitlines() == ["loading tiny …", piped.stderr.splitlines()[-1]]
+    assert piped.stderr.splitlines() == ["loading shapes …", piped.stderr.splitlines()[-1]]
     assert piped.stderr.splitlines()[-1].startswith("seed ")
 
 

@@ -69,7 +69,7 @@ def test_apples_empty_output_shapes_leave_the_size_to_the_inputs(tmp_path) -> No
     assert with_encoder.descriptions["VAEDecoder"].output("image").shape == ()
     assert (with_encoder.vae_scale_factor, with_encoder.default_shape) == (8, (512, 512))
     request = resolve(Request("a lighthouse"), with_encoder)
-    assert (request.width, request.height) == (512, 512)
+    assert (request.width, request.height, request.guidance_scale) == (512, 512, 7.5)  # no diffusiond.json: SD's
     without = CoreMLFolder.open(unpacked("pcuenq/coreml-stable-diffusion-1-4",
                                          "coreml-stable-diffusion-1-4_original_compiled.zip", tmp_path), "sd14-coreml")
     assert "VAEEncoder" not in without.parts and without.default_shape == (512, 512)

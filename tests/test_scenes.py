@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusiond.daemon.models.diffusers_folder import ModelFolder
 from diffusiond.daemon.models.scenes import judge, scene
 
 ALL = ("shape", "colour", "background", "size", "position")
@@ -167,6 +168,8 @@ def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws
     for folder in (trained, snapshot):
         assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}, \
             "the engine's tokenizer reads vocab.json and merges.txt"
+        assert ModelFolder.open(str(folder)).default_guidance == tiny_training_config()["default_guidance_scale"], \
+            "the config's guidance, in diffusiond.json"
 
 
 def test_training_weighs_the_shape_by_a_mask_of_its_own_pixels() -> None:

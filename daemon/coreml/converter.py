@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import ConversionFailed, EngineError
 from ..models import lora
-from ..models.coreml_folder import FACTS_FILE, PART_SUFFIXES, PARTS, SECOND_TOKENIZER, describe
+from ..models.coreml_folder import PART_SUFFIXES, PARTS, SECOND_TOKENIZER, describe
+from ..models.facts import FACTS_FILE, default_guidance_of, read_facts
 from ..models.family import SD, SDXL, SDXL_REFINER
 from ..models.lora import LoraFile
 
@@ -187,6 +188,9 @@ def convert(
         "scaling_factor": float(vae.config.get("scaling_factor", 0.18215)),
         "scheduler_config": loaded["scheduler_config"],
     }
+    source_facts = read_facts(loaded["folder"], source)
+    if "default_guidance_scale" in source_facts:  # the model's own (facts.py), checked before it is copied
+        facts["default_guidance_scale"] = default_guidance_of(source_facts, source)
     if xl:  # what the pipeline's config says of SDXL's conditioning (model_index.json)
         facts["force_zeros_for_empty_prompt"] = bool(loaded["index"].get("force_zeros_for_empty_prompt", True))
     if loras:  # what a job's LoRAs are matched against (CoreMLFolder.merged_loras)

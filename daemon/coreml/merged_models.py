@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConversionFailed
-from ..models.coreml_folder import FACTS_FILE, PARTS, CoreMLFolder
+from ..models.coreml_folder import PARTS, CoreMLFolder
+from ..models.facts import FACTS_FILE
 from ..models.lora import LoraUse
 
 FOLDER = "coreml-loras"  # under the state folder

@@ -52,7 +52,7 @@ class Request:
     prompt: str
     negative_prompt: str = ""
     steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's own (models/facts.py), 7.5 unless it says otherwise
     width: int | None = None  # None: the model's own size (img2img: the init image's)
     height: int | None = None
     aspect: str | None = None  # "W:H" instead of a size: the model's trained size nearest that shape (models/aspect.py)
@@ -149,8 +149,8 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
     _check(isinstance(r.negative_prompt, str) and len(r.negative_prompt) <= limits.prompt_chars,
            "negative_prompt", f"must be at most {limits.prompt_chars} characters")
     _check(_is_int(r.steps) and 1 <= r.steps <= limits.steps, "steps", f"must be an integer from 1 to {limits.steps}, got {r.steps!r}")
-    _check(_is_number(r.guidance_scale) and 0 <= r.guidance_scale <= limits.guidance, "guidance_scale",
-           f"must be a number from 0 to {limits.guidance}, got {r.guidance_scale!r}")
+    _check(r.guidance_scale is None or _is_number(r.guidance_scale) and 0 <= r.guidance_scale <= limits.guidance,
+           "guidance_scale", f"must be a number from 0 to {limits.guidance}, got {r.guidance_scale!r}")
     _check(_is_int(r.count) and 1 <= r.count <= limits.count, "count", f"must be an integer from 1 to {limits.count}, got {r.count!r}")
     _check(r.scheduler in schedulers.NAMES, "scheduler",
            f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(schedulers.NAMES)}")
@@ -221,7 +221,10 @@ def resolve(request: Request, model: Model | None, limits: Limits = Limits(), re
         _check(base_steps >= 1 and refiner_steps >= 1, "refiner_switch",
                f"at {r.refiner_switch} of {r.steps} steps the base runs {base_steps} and the refiner {refiner_steps}; "
                "each needs at least one: raise steps or move refiner_switch")
-    return Resolved(r.prompt, r.negative_prompt, r.steps, r.guidance_scale, width, height, r.count, seed, r.scheduler,
+    guidance = model.default_guidance if r.guidance_scale is None else r.guidance_scale
+    _check(guidance <= limits.guidance, "guidance_scale",
+           f"this model's default of {guidance:g} is above this daemon's limit of {limits.guidance:g}; give a guidance_scale")
+    return Resolved(r.prompt, r.negative_prompt, r.steps, guidance, width, height, r.count, seed, r.scheduler,
                     r.rng, r.init_image, r.strength, r.safety_checker, r.refiner, r.refiner_switch, loras)
 
 

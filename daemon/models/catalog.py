@@ -1,7 +1,8 @@
 """Named models: what Diffusers for Mac offers, as Core ML repos and as diffusers-format repos.
 
-An alias is a short name for a Hub repo, or for a model shipped in the package (the tiny one,
-in the folder beside this module); `diffuse models` lists them beside the local models.
+An alias is a short name for a Hub repo, or for a model shipped in the package (`shapes`, trained
+on a toy world of shapes, and `tiny`, random weights for the equivalence tests; each in a folder
+beside this module); `diffuse models` lists them beside the local models.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TINY = Path(__file__).resolve().parent / "tiny"
-ALIASES = {"tiny": TINY}
+SHAPES = Path(__file__).resolve().parent / "shapes"
+ALIASES = {"shapes": SHAPES, "tiny": TINY}
 
 
 @dataclass(frozen=True)

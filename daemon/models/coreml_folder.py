@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelInvalid
+from .facts import default_guidance_of, read_facts
 from .family import SD, SDXL, SDXL_REFINER
 
-FACTS_FILE = "diffusiond.json"
 SECOND_TOKENIZER = "tokenizer_2"  # `diffusiond convert` copies SDXL's (it pads with "!") beside the models
 # What `diffusiond convert` makes (UnetRefiner: with --refiner, beside an SDXL base).
 PARTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker")
@@ -318,16 +318,15 @@ class CoreMLFolder:
     @cached_property
     def facts(self) -> dict[str, Any]:
         defaults = SD_FACTS if self.family == "sd" else SDXL_FACTS
-        file = self.path / FACTS_FILE
-        if not file.is_file():
-            return defaults
-        try:
-            facts = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelInvalid(f"model {self.name}: cannot read {FACTS_FILE}: {exc}") from exc
+        facts = read_facts(self.path, self.name)
         if self.refiner:  # the converter keeps the refiner's own facts apart
             facts = {**facts, **facts.get("refiner", {})}
         return {**defaults, **facts}
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance a request that names none gets (facts.py); the converter keeps its source's."""
+        return default_guidance_of(self.facts, self.name)
 
     @property
     def merged_loras(self) -> tuple[tuple[str, float], ...]:

@@ -3,7 +3,8 @@
 The pipeline reads these facts rather than assuming SD 1.5: the family (SD 1.x/2.x, SDXL, the
 SDXL refiner, from model_index.json), the VAE's downscale factor, latent channels and scaling
 factor, the default size the UNet was trained at, the scheduler config, the text encoders'
-tokenizers, SDXL's conditioning switches, and which optional parts (safety checker) it ships.
+tokenizers, SDXL's conditioning switches, which optional parts (safety checker) it ships, and the
+default guidance its diffusiond.json may give (facts.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import ModelInvalid, ModelNotDownloaded, ModelNotFound
 from . import store
 from .catalog import ALIASES
 from .coreml_folder import CoreMLFolder, is_coreml_folder
+from .facts import default_guidance_of, read_facts
 from .family import SD, SDXL, SDXL_REFINER, TITLES
 from .ref import parse
 
@@ -88,6 +90,15 @@ class ModelFolder:
     @cached_property
     def _unet(self) -> dict[str, Any]:
         return self._json("unet", "config.json")
+
+    @cached_property
+    def facts(self) -> dict[str, Any]:
+        return read_facts(self.path, self.name)
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance a request that names none gets: the folder's diffusiond.json may give its own (facts.py)."""
+        return default_guidance_of(self.facts, self.name)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -15,6 +15,7 @@ else on the CPU (docs/toy-model.md has the timings).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 import tomllib
@@ -29,6 +30,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..facts import FACTS_FILE
 from . import scene
 
 TIMESTEPS = 1000  # training timesteps, t = 0 … TIMESTEPS − 1
@@ -215,8 +217,9 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
 
 
 def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-          out: Path) -> None:
-    """The diffusers folder, written beside `out` and renamed into place."""
+          out: Path, guidance: float) -> None:
+    """The diffusers folder, written beside `out` and renamed into place, with the guidance a request
+    that names none gets (daemon/models/facts.py)."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         # DDIM with trailing timesteps, so sampling starts at t = 999 where training put zero SNR (Lin et al. §3.3).
@@ -229,6 +232,7 @@ def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPText
     # transformers 5 saves tokenizer.json alone; our engine's tokenizer and Apple's Swift one read these two.
     shutil.copy(TOKENIZER / "vocab.json", staging / "tokenizer")
     shutil.copy(TOKENIZER / "merges.txt", staging / "tokenizer")
+    (staging / FACTS_FILE).write_text(json.dumps({"default_guidance_scale": guidance}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -245,10 +249,10 @@ def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: P
         vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
 
     def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
-        write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"))
+        write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"), config["default_guidance_scale"])
 
     unet, text_encoder = train_denoiser(config, vae, tokenizer, device, snapshot)
-    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out)
+    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out, config["default_guidance_scale"])
 
 
 def main() -> None:
