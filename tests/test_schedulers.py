@@ -451,7 +451,7 @@ def test_swift_flavours_refuse_what_swift_cannot_run() -> None:
 
 @pytest.mark.parametrize(("name", "sampler"), [("dpmpp_2m_swift", "DPM++ 2M Swift"), ("pndm_swift", "PNDM Swift")])
 def test_swift_flavour_round_trips_through_the_png_infotext(name: str, sampler: str) -> None:
-    text = infotext(Request("a lighthouse", steps=20, width=512, height=512, seed=7, scheduler=name), "sd15")
+    text = infotext(Request("a lighthouse", steps=20, guidance_scale=7.5, width=512, height=512, seed=7, scheduler=name), "sd15")
     settings, unknown = job_settings(parse_infotext(text))
     assert unknown == [] and settings["scheduler"] == sampler
     assert schedulers.from_sampler_name(settings["scheduler"]) == name
