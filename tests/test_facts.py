@@ -53,8 +53,7 @@ def test_a_default_above_the_daemons_limit_is_refused_saying_to_give_one(tmp_pat
 
 def test_the_daemon_runs_and_records_the_models_guidance(tmp_path) -> None:
     model = tiny_saying(tmp_path / "m", json.dumps({"default_guidance_scale": 2.5}))
-    daemon = Daemon(tmp_path / "home", model=str(model)).start()
-    try:
+    with Daemon(tmp_path / "home", model=str(model)) as daemon:
         fast = {"prompt": "a red circle", "steps": 1, "width": 64, "height": 64}
         quiet = daemon.call("submit", **fast)["job"]
         loud = daemon.call("submit", **fast, guidance_scale=6.0)["job"]
@@ -63,6 +62,3 @@ def test_the_daemon_runs_and_records_the_models_guidance(tmp_path) -> None:
             done = daemon.wait_job(job["id"])
             assert done["state"] == "done", done
             assert parse_infotext(read_parameters(done["outputs"][0])).params["CFG scale"] == cfg
-    finally:
-        assert daemon.stop() == 0
-        daemon.close()

@@ -367,17 +367,15 @@ def test_diffuse_applies_a_lora_named_in_the_prompt_through_the_daemon(files, tm
     folder.mkdir()
     (folder / "tiny.safetensors").write_bytes(files["sd-kohya"].read_bytes())
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, str(folder / "loha.safetensors"))
-    daemon = Daemon(tmp_path / "daemon", lora_dir=str(folder)).start()
+    with Daemon(tmp_path / "daemon", lora_dir=str(folder)) as daemon:
+        def diffuse(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(daemon.runtime_dir),
+                                   *args], capture_output=True, text=True, timeout=300)
 
-    def diffuse(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir", str(daemon.runtime_dir),
-                               *args], capture_output=True, text=True, timeout=300)
+        def pixels(path: str) -> np.ndarray:
+            with Image.open(path) as image:
+                return np.asarray(image)
 
-    def pixels(path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image)
-
-    try:
         common = ("--steps", "3", "--seed", "5")
         tagged = diffuse("a cat <lora:tiny:0.7>", *common, "-o", str(tmp_path / "a"))
         assert tagged.returncode == 0, tagged.stderr
@@ -426,9 +424,6 @@ def test_diffuse_applies_a_lora_named_in_the_prompt_through_the_daemon(files, tm
             watcher.terminate()
             watcher.wait(timeout=30)
         assert np.array_equal(pixels(str(hot / "out" / "cat.png")), pixels(first))
-    finally:
-        assert daemon.stop() == 0
-        daemon.close()
 
 
 def test_a_hub_lora_is_downloaded_by_its_job_then_applied(files, tmp_path, monkeypatch) -> None:
@@ -452,14 +447,12 @@ def test_a_hub_lora_is_downloaded_by_its_job_then_applied(files, tmp_path, monke
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        daemon = Daemon(tmp_path / "daemon", lora_dir=str(tmp_path / "none")).start()
+        with Daemon(tmp_path / "daemon", lora_dir=str(tmp_path / "none")) as daemon:
+            def diffuse(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir",
+                                       str(daemon.runtime_dir), "a cat", "--steps", "3", "--seed", "5", *args],
+                                      capture_output=True, text=True, timeout=300)
 
-        def diffuse(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "diffusiond.clients.cli", "--runtime-dir",
-                                   str(daemon.runtime_dir), "a cat", "--steps", "3", "--seed", "5", *args],
-                                  capture_output=True, text=True, timeout=300)
-
-        try:
             events = daemon.subscribe(b"model.someone/loras/ink.safetensors")
             fetched = diffuse("--lora", "someone/loras/ink.safetensors:0.7", "-o", str(tmp_path / "a"))
             assert fetched.returncode == 0, fetched.stderr
@@ -473,9 +466,6 @@ def test_a_hub_lora_is_downloaded_by_its_job_then_applied(files, tmp_path, monke
             assert params["Lora hashes"] == f"someone/loras/ink.safetensors: {lora.inspect(files['sd-kohya']).hash}"
             gone = diffuse("--lora", "someone/loras/nope.safetensors")
             assert gone.returncode == 1 and "has no file 'nope.safetensors'" in gone.stderr
-        finally:
-            assert daemon.stop() == 0
-            daemon.close()
 
 
 # Core ML: LoRAs merged into a conversion of the source, once per set

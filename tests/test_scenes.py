@@ -126,7 +126,7 @@ def tiny_training_config() -> dict:
     config["vae"].update(block_out_channels=[8, 8, 8], norm_num_groups=4)
     config["text_encoder"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1)
     config["unet"].update(block_out_channels=[8, 16, 16], cross_attention_dim=16, norm_num_groups=4)
-    for stage in ("vae", "unet"):
+    for stage in ("vae", "unet", "shape"):
         config["training"][stage].update(steps=2, batch_size=2, warmup_steps=1)
     config["training"]["unet"]["noisiest_first"] = 1  # one step of each kind of timestep draw
     config["training"]["unet"]["snapshot_every"] = 1
@@ -153,7 +153,7 @@ def trained(tmp_path_factory) -> Iterator[Path]:
 
 def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws_with(trained: Path) -> None:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None)
     image = pipe("a red circle on a blue background", num_inference_steps=2,
@@ -165,7 +165,11 @@ def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws
     snapped = StableDiffusionPipeline.from_pretrained(snapshot, safety_checker=None)
     assert snapped.unet.config.block_out_channels == pipe.unet.config.block_out_channels, \
         "a snapshot of stage 2 is a whole folder too"
-    for folder in (trained, snapshot):
+    stage_two = trained.with_name("shapes.step-2")
+    final, end_of_two = (UNet2DConditionModel.from_pretrained(folder / "unet").state_dict() for folder in (trained, stage_two))
+    assert any(not torch.equal(final[key], end_of_two[key]) for key in final), \
+        "stage 2 leaves its end as a folder, and stage 3 trains on from it"
+    for folder in (trained, snapshot, stage_two):
         assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}, \
             "the engine's tokenizer reads vocab.json and merges.txt"
         assert ModelFolder.open(str(folder)).default_guidance == tiny_training_config()["default_guidance_scale"], \
@@ -201,6 +205,52 @@ def test_stage_two_trains_the_noisiest_step_alone_first_then_favours_the_noisies
     later = train.draw_timesteps(first + 1, 20_000, settings, 1000)
     quarter = (later >= 750).float().mean().item()  # 4 × 250 of 750 + 4 × 250: 4/7
     assert abs(quarter - 4 / 7) < 0.02 and later.min() < 250, quarter
+
+
+def test_stage_three_draws_the_middle_noise_levels_for_its_share_and_the_rest_as_stage_two() -> None:
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    training = train.load_config(train.CONFIG)["training"]
+    settings, stage_two = training["shape"], training["unet"]
+    low, high = settings["middle"]
+    torch.manual_seed(0)
+    t = train.draw_middle_timesteps(20_000, settings, stage_two, 1000)
+    # Stage 2's second phase puts (high − low + 1) of its 750 + 4 × 250 weight in the middle.
+    expected = settings["middle_share"] + (1 - settings["middle_share"]) * (high - low + 1) / 1750
+    share = ((t >= low) & (t <= high)).float().mean().item()
+    assert abs(share - expected) < 0.02, (share, expected)
+    assert (t >= 750).float().mean().item() > 0.15, "the noisiest quarter, where place and colour are learnt, stays"
+
+
+def test_the_loss_weighs_the_outline_above_the_inside_and_the_inside_above_the_background() -> None:
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 2:10, 2:10] = 1  # pixels 2–9: latents 0 and 2 in part, latent 1 whole (a factor of 4)
+    weight = train.latent_weight(mask, 4, foreground_weight=5.0, outline_weight=20.0)[0, 0]
+    assert weight[1, 1] == 5.0, "inside"
+    assert weight[0, 0] == weight[2, 1] == 25.0, "outline"
+    assert weight[3, 3] == 1.0 and weight.shape == (4, 4), "background"
+
+
+def test_stage_three_alone_trains_on_from_a_stage_two_folder(trained: Path) -> None:
+    import torch
+
+    from diffusiond.daemon.models.scenes import train
+
+    out = trained.with_name("again")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.train(tiny_training_config(), out, torch.device("cpu"), denoiser_folder=trained.with_name("shapes.step-2"))
+    finally:
+        torch.set_num_threads(threads)
+    assert ModelFolder.open(str(out)).default_guidance == tiny_training_config()["default_guidance_scale"]
+    assert not out.with_name("again.step-1").exists(), "stage 2 did not run again"
 
 
 def test_evaluation_draws_held_out_captions_with_the_daemons_engine_and_grades_them(trained: Path) -> None:

@@ -127,16 +127,12 @@ def test_the_daemons_default_model_draws_the_readme_prompt(tmp_path) -> None:
     """Through the real daemon on its default settings, as the README's main command runs it."""
     from .daemon_process import Daemon
 
-    daemon = Daemon(tmp_path, model="shapes").start()
-    try:
+    with Daemon(tmp_path, model="shapes") as daemon:
         events = daemon.subscribe(b"job.")
         job_id = daemon.call("submit", prompt=README_PROMPT, seed=1)["job"]["id"]
         done = daemon.wait_for(events, lambda e: e["job"] == job_id and e["type"] == Event.JOB_DONE, timeout=120)
         seen = judge.read(Image.open(done["outputs"][0]))
         assert (seen["colour"], seen["shape"], seen["background"]) == ("red", "circle", "blue"), seen
-    finally:
-        assert daemon.stop() == 0
-        daemon.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
-"""Train the `shapes` model on the scene world: the VAE first, then the UNet and text encoder.
+"""Train the `shapes` model on the scene world: the VAE first, then the UNet and text encoder, then
+those two again at the noise levels where a shape's corners are decided.
 
     python -m diffusiond.daemon.models.scenes.train [--config train.toml] [--out daemon/models/shapes]
-                                                    [--vae FOLDER]
+                                                    [--vae FOLDER | --denoiser FOLDER]
 
 `--vae` takes stage 1's result from an earlier run (a diffusers AutoencoderKL folder, such as the
-shipped model's vae/) and runs stage 2 only: the UNet and text encoder are what changes between tries.
+shipped model's vae/) and runs stages 2 and 3: the UNet and text encoder are what changes between
+tries. `--denoiser` takes a stage 2 result (the `OUT.step-N` folder stage 2 leaves at its end) and
+runs stage 3 alone.
 
 Built from diffusers' and PyTorch's own pieces (AutoencoderKL, UNet2DConditionModel,
 CLIPTextModel, DDPMScheduler.add_noise, EMAModel, get_scheduler, AdamW), fixed seeds, and written
@@ -70,11 +73,21 @@ def to_pixels(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor, foreground_weight: float) -> torch.Tensor:
-    """MSE with the error under the shape (`cover`, 1 there) counted `foreground_weight` times: the
-    shape is 2–9 % of a scene's pixels, so a plain mean lets the background's error drown it."""
-    weight = 1 + (foreground_weight - 1) * cover
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MSE with each element's error counted `weight` times, normalised so the weights set the balance, not the scale."""
     return (weight * (prediction - target) ** 2).mean() / weight.mean()
+
+
+def latent_weight(mask: torch.Tensor, factor: int, foreground_weight: float, outline_weight: float) -> torch.Tensor:
+    """The denoiser loss's weight per latent, from the shape's pixel mask pooled by the VAE's `factor`.
+
+    Latents under the shape count `foreground_weight` times: it is 2–9 % of a scene's pixels, so a
+    plain mean lets the background's error drown it. Latents on its outline (covered only in part:
+    max-pooled minus min-pooled) count `outline_weight` more: that is where a square and a circle of
+    one area differ, a few per cent of the latents (docs/toy-model.md, run 10)."""
+    cover = F.max_pool2d(mask, factor)
+    inside = -F.max_pool2d(-mask, factor)
+    return 1 + (foreground_weight - 1) * cover + outline_weight * (cover - inside)
 
 
 def run(name: str, steps: int, log_every: int, step: Callable[[int], float]) -> None:
@@ -106,7 +119,8 @@ def train_vae(config: dict[str, Any], device: torch.device) -> AutoencoderKL:
         pixels, mask, _captions = batch(rng, settings["batch_size"], device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = weighted_mse(reconstruction, pixels, mask, settings["foreground_weight"]) \
+        weight = 1 + (settings["foreground_weight"] - 1) * mask
+        loss = weighted_mse(reconstruction, pixels, weight) \
             + settings["kl_weight"] * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,24 +175,36 @@ def draw_timesteps(step: int, size: int, settings: dict[str, Any], count: int) -
     return torch.multinomial(weights, size, replacement=True)
 
 
+def draw_middle_timesteps(size: int, settings: dict[str, Any], stage_two: dict[str, Any], count: int) -> torch.Tensor:
+    """Stage 3's timesteps: `middle_share` of them uniform over `middle`, the noise levels where a
+    square's corners are decided (img2img kept them from strength 0.3, lost them from 0.5); the rest
+    drawn as stage 2's second phase draws them, so the place and colours learnt there hold (a
+    fine-tune on the middle alone lost a third of the positions: docs/toy-model.md, run 10)."""
+    low, high = settings["middle"]
+    middle = torch.randint(low, high + 1, (size,))
+    rest = draw_timesteps(stage_two["noisiest_first"] + 1, size, stage_two, count)
+    return torch.where(torch.rand(size) < settings["middle_share"], middle, rest)
+
+
 Snapshot = Callable[[int, UNet2DConditionModel, CLIPTextModel], None]
+Timesteps = Callable[[int, int], torch.Tensor]  # (step, batch size) → timesteps
 
 
-def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                   device: torch.device, snapshot: Snapshot | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 2: the UNet and the text encoder together, predicting v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022).
+def fit_denoiser(name: str, settings: dict[str, Any], seed: int, vae: AutoencoderKL, unet: UNet2DConditionModel,
+                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, timesteps: Timesteps,
+                 snapshot: Snapshot | None = None) -> None:
+    """Train the UNet and the text encoder together on `settings`' steps, predicting
+    v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022), and leave the EMA weights in them.
 
-    `snapshot` gets the EMA weights every `snapshot_every` steps, so a long CPU run can be judged
-    (evaluate.py) before it ends."""
-    settings = config["training"]["unet"]
-    torch.manual_seed(config["seed"] + 1)
-    rng = np.random.default_rng(config["seed"] + 1)
-    unet = unet_for(config).to(device)
-    text_encoder = text_encoder_for(config, tokenizer).to(device)
+    `snapshot` gets the EMA weights every `snapshot_every` steps and at the end, so a long CPU run
+    can be judged (evaluate.py) before it ends."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = unet.device
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings["learning_rate"])
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=settings["warmup_steps"],
+    schedule = get_scheduler(settings["lr_schedule"], optimizer, num_warmup_steps=settings["warmup_steps"],
                              num_training_steps=settings["steps"])
     ema = EMAModel(parameters, decay=settings["ema_decay"])
     scaling = vae.config.scaling_factor
@@ -189,14 +215,13 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * scaling
         noise = torch.randn_like(latents)
-        timesteps = draw_timesteps(i, len(captions), settings, noise_scheduler.config.num_train_timesteps).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        t = timesteps(i, len(captions)).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
         ids = token_ids(tokenizer, captions).to(device)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        # Latents under the shape: its mask max-pooled to the latent grid.
-        cover = F.max_pool2d(mask, pixels.shape[-1] // latents.shape[-1])
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        loss = weighted_mse(prediction, target, cover, settings["foreground_weight"])
+        prediction = unet(noisy, t, text_encoder(ids)[0]).sample
+        weight = latent_weight(mask, pixels.shape[-1] // latents.shape[-1], settings["foreground_weight"],
+                               settings["outline_weight"])
+        loss = weighted_mse(prediction, noise_scheduler.get_velocity(latents, noise, t), weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,9 +236,34 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
 
     unet.train()
     text_encoder.train()
-    run("unet", settings["steps"], config["log_every"], step)
+    run(name, settings["steps"], settings.get("log_every", 50), step)
     ema.copy_to(parameters)
-    return unet.eval(), text_encoder.eval()
+    unet.eval()
+    text_encoder.eval()
+    if snapshot is not None:
+        snapshot(settings["steps"], unet, text_encoder)
+
+
+def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+                   device: torch.device, snapshot: Snapshot | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: a new UNet and text encoder learn the scenes from their captions."""
+    settings = {**config["training"]["unet"], "log_every": config["log_every"]}
+    unet = unet_for(config).to(device)
+    text_encoder = text_encoder_for(config, tokenizer).to(device)
+    count = DDPMScheduler(**SCHEDULE).config.num_train_timesteps
+    fit_denoiser("unet", settings, config["seed"] + 1, vae, unet, text_encoder, tokenizer,
+                 lambda step, size: draw_timesteps(step, size, settings, count), snapshot)
+    return unet, text_encoder
+
+
+def train_shape(config: dict[str, Any], vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                tokenizer: CLIPTokenizer) -> None:
+    """Stage 3: stage 2's weights, a fresh optimizer and EMA, the middle noise levels and the outline
+    weighted: there a square and a circle differ, and stage 2 drew both as one rounded blob."""
+    settings = {**config["training"]["shape"], "log_every": config["log_every"]}
+    stage_two = config["training"]["unet"]
+    fit_denoiser("shape", settings, config["seed"] + 2, vae, unet, text_encoder, tokenizer,
+                 lambda _step, size: draw_middle_timesteps(size, settings, stage_two, TIMESTEPS))
 
 
 def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
@@ -239,20 +289,28 @@ def write(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPText
     print(f"wrote {out} ({size / 1e6:.2f} MB)", flush=True)
 
 
-def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None) -> None:
-    """Both stages (or stage 2 on `vae_folder`'s VAE), then the folder; a snapshot folder
-    `OUT.step-N` beside it every `snapshot_every` steps of stage 2."""
+def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: Path | None = None,
+          denoiser_folder: Path | None = None) -> None:
+    """The three stages, then the folder. `vae_folder` skips stage 1; `denoiser_folder` (a stage 2
+    result: its VAE, UNet and text encoder) skips stages 1 and 2. Stage 2 leaves a folder
+    `OUT.step-N` beside `out` every `snapshot_every` steps and at its end, which is what
+    `denoiser_folder` takes."""
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    if vae_folder is None:
-        vae = train_vae(config, device)
+    guidance = config["default_guidance_scale"]
+    if denoiser_folder is not None:
+        vae = AutoencoderKL.from_pretrained(denoiser_folder / "vae")
+        unet = UNet2DConditionModel.from_pretrained(denoiser_folder / "unet").to(device)
+        text_encoder = CLIPTextModel.from_pretrained(denoiser_folder / "text_encoder").to(device)
     else:
-        vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
+        vae = train_vae(config, device) if vae_folder is None else AutoencoderKL.from_pretrained(vae_folder)
 
-    def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
-        write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"), config["default_guidance_scale"])
+        def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+            write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"), guidance)
 
-    unet, text_encoder = train_denoiser(config, vae, tokenizer, device, snapshot)
-    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out, config["default_guidance_scale"])
+        unet, text_encoder = train_denoiser(config, vae.to(device).eval().requires_grad_(False), tokenizer, device,
+                                            snapshot)
+    train_shape(config, vae.to(device).eval().requires_grad_(False), unet, text_encoder, tokenizer)
+    write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out, guidance)
 
 
 def main() -> None:
@@ -260,10 +318,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--vae", type=Path, help="a trained VAE folder: skip stage 1")
+    parser.add_argument("--denoiser", type=Path, help="a stage 2 result (OUT.step-N): skip stages 1 and 2")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"training on {device} with {torch.get_num_threads()} threads", flush=True)
-    train(load_config(args.config), args.out, device, args.vae)
+    train(load_config(args.config), args.out, device, args.vae, args.denoiser)
 
 
 if __name__ == "__main__":
