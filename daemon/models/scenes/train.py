@@ -236,7 +236,7 @@ def fit_denoiser(name: str, settings: dict[str, Any], seed: int, vae: Autoencode
 
     unet.train()
     text_encoder.train()
-    run(name, settings["steps"], settings.get("log_every", 50), step)
+    run(name, settings["steps"], settings["log_every"], step)
     ema.copy_to(parameters)
     unet.eval()
     text_encoder.eval()
