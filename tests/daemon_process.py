@@ -176,10 +176,9 @@ class Daemon:
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         """Stop and close; a test that passed also asserts a clean exit (a failing one keeps its own error)."""
-        code = self.stop()
-        self.context.destroy(linger=0)
+        self.close()
         if kind is None:
-            assert code == 0, f"daemon exited {code}: {self.log.read_text()}"
+            assert self.process.returncode == 0, f"daemon exited {self.process.returncode}: {self.log.read_text()}"
 
     def outputs(self) -> list[str]:
         return sorted(os.listdir(self.output_dir)) if self.output_dir.exists() else []

@@ -4,6 +4,7 @@ may grade a model's."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Iterator
@@ -133,22 +134,30 @@ def tiny_training_config() -> dict:
     return config
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: two threads on a busy two-core machine are many times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Iterator[Path]:
-    """A model trained by the real script at toy size; its tests run torch on one thread, as
-    two threads on a busy two-core machine are many times slower than one."""
+    """A model trained by the real script at toy size; its tests run torch on one thread too."""
     import torch
 
     from diffusiond.daemon.models.scenes import train
 
     out = tmp_path_factory.mktemp("trained") / "shapes"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train.train(tiny_training_config(), out, torch.device("cpu"))
         yield out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_training_writes_a_folder_that_stable_diffusion_pipeline_loads_and_draws_with(trained: Path) -> None:
@@ -243,12 +252,8 @@ def test_stage_three_alone_trains_on_from_a_stage_two_folder(trained: Path) -> N
     from diffusiond.daemon.models.scenes import train
 
     out = trained.with_name("again")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train.train(tiny_training_config(), out, torch.device("cpu"), denoiser_folder=trained.with_name("shapes.step-2"))
-    finally:
-        torch.set_num_threads(threads)
     assert ModelFolder.open(str(out)).default_guidance == tiny_training_config()["default_guidance_scale"]
     assert not out.with_name("again.step-1").exists(), "stage 2 did not run again"
 

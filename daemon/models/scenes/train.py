@@ -250,9 +250,8 @@ def train_denoiser(config: dict[str, Any], vae: AutoencoderKL, tokenizer: CLIPTo
     settings = {**config["training"]["unet"], "log_every": config["log_every"]}
     unet = unet_for(config).to(device)
     text_encoder = text_encoder_for(config, tokenizer).to(device)
-    count = DDPMScheduler(**SCHEDULE).config.num_train_timesteps
     fit_denoiser("unet", settings, config["seed"] + 1, vae, unet, text_encoder, tokenizer,
-                 lambda step, size: draw_timesteps(step, size, settings, count), snapshot)
+                 lambda step, size: draw_timesteps(step, size, settings, TIMESTEPS), snapshot)
     return unet, text_encoder
 
 
@@ -297,19 +296,19 @@ def train(config: dict[str, Any], out: Path, device: torch.device, vae_folder: P
     `denoiser_folder` takes."""
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
     guidance = config["default_guidance_scale"]
-    if denoiser_folder is not None:
-        vae = AutoencoderKL.from_pretrained(denoiser_folder / "vae")
-        unet = UNet2DConditionModel.from_pretrained(denoiser_folder / "unet").to(device)
-        text_encoder = CLIPTextModel.from_pretrained(denoiser_folder / "text_encoder").to(device)
-    else:
-        vae = train_vae(config, device) if vae_folder is None else AutoencoderKL.from_pretrained(vae_folder)
+    vae_source = vae_folder if denoiser_folder is None else denoiser_folder / "vae"
+    vae = train_vae(config, device) if vae_source is None else AutoencoderKL.from_pretrained(vae_source)
+    vae = vae.to(device).eval().requires_grad_(False)
+    if denoiser_folder is None:
 
         def snapshot(step: int, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
             write(vae, unet, text_encoder, tokenizer, out.with_name(f"{out.name}.step-{step}"), guidance)
 
-        unet, text_encoder = train_denoiser(config, vae.to(device).eval().requires_grad_(False), tokenizer, device,
-                                            snapshot)
-    train_shape(config, vae.to(device).eval().requires_grad_(False), unet, text_encoder, tokenizer)
+        unet, text_encoder = train_denoiser(config, vae, tokenizer, device, snapshot)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(denoiser_folder / "unet").to(device)
+        text_encoder = CLIPTextModel.from_pretrained(denoiser_folder / "text_encoder").to(device)
+    train_shape(config, vae, unet, text_encoder, tokenizer)
     write(vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer, out, guidance)
 
 
